@@ -1,0 +1,41 @@
+# Every target that needs Python builds .venv itself, so a fresh clone needs only python3.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
+
+.PHONY: demo test lint typecheck bench bench-quick clean
+
+$(STAMP): requirements/runtime.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# --no-deps: the pinned lean closure, not penguiflow's 1 GB of declared extras.
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements/runtime.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e . || \
+		$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $@
+
+$(DEV_STAMP): $(STAMP) requirements/dev.txt
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements/dev.txt
+	touch $@
+
+demo: $(DEV_STAMP)
+	$(BIN)/gateway demo
+
+test: $(DEV_STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(DEV_STAMP)
+	$(BIN)/ruff check gateway tests bench
+	$(BIN)/ruff format --check gateway tests bench
+	$(BIN)/mypy gateway
+
+bench: $(DEV_STAMP)
+	$(BIN)/python -m bench.run --mode full
+
+bench-quick: $(DEV_STAMP)
+	$(BIN)/python -m bench.run --mode quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
