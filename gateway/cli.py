@@ -1,0 +1,143 @@
+"""The `gateway` command: run, demo, dev up, tenants check/new-key."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import signal
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import click
+
+from gateway.catalog import hash_api_key, load_catalog
+from gateway.errors import CatalogError, ConfigError, GatewayError
+from gateway.flows import load_job_types
+from gateway.observability import configure_logging
+from gateway.settings import Settings, load_settings
+
+__all__ = ["main"]
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        raise click.ClickException(f"invalid settings: {exc}") from None
+
+
+@click.group()
+def main() -> None:
+    """Multi-tenant worker gateway."""
+
+
+@main.command()
+def run() -> None:
+    """Run the service until SIGTERM/SIGINT."""
+    from gateway.service import run_gateway  # keep `tenants check` light
+
+    settings = _settings()
+    configure_logging(settings.log_format, settings.log_level, settings.replica)
+    try:
+        code = asyncio.run(run_gateway(settings))
+    except CatalogError as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(code)
+
+
+@main.group()
+def tenants() -> None:
+    """Inspect and manage the tenant catalog."""
+
+
+@tenants.command("check")
+def tenants_check() -> None:
+    """Validate the catalog and print each tenant's effective quota."""
+    settings = _settings()
+    try:
+        catalog = load_catalog(settings.tenants_dir, settings.policies_dir)
+        types = load_job_types(settings.flows)
+    except (CatalogError, ConfigError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    problems = []
+    for tenant in catalog:
+        unknown = sorted(tenant.jobs.allowed_types - set(types))
+        if unknown:
+            problems.append(f"{tenant.source}: jobs.allowed_types: unknown types {unknown}")
+    header = f"{'tenant':<20} {'tier':<11} {'conc':>5} {'rate/s':>8} {'burst':>6} "
+    header += f"{'queued':>7} {'weight':>6}  types"
+    click.echo(header)
+    for tenant in catalog:
+        q = tenant.quota
+        click.echo(
+            f"{tenant.id:<20} {tenant.tier:<11} {q.max_concurrency:>5} {q.rate_per_s:>8g} "
+            f"{q.burst:>6} {q.max_queued:>7} {q.weight:>6}  "
+            + ",".join(sorted(tenant.jobs.allowed_types))
+        )
+    for problem in problems:
+        click.echo(f"error: {problem}", err=True)
+    if problems:
+        sys.exit(1)
+    click.echo(f"ok: {len(catalog)} tenants")
+
+
+@tenants.command("new-key")
+@click.argument("tenant")
+def tenants_new_key(tenant: str) -> None:
+    """Print a fresh API key (once) and the hash to add to the tenant's file."""
+    key = f"gw_{tenant}_{secrets.token_urlsafe(32)}"
+    click.echo(f"api key (shown once): {key}")
+    click.echo(f'add to tenants/{tenant}.toml api_keys_sha256: "{hash_api_key(key)}"')
+
+
+@main.group()
+def dev() -> None:
+    """Local development services."""
+
+
+@dev.command("up")
+@click.option("--log-dir", type=click.Path(path_type=Path), default=Path(".gateway-run"))
+def dev_up(log_dir: Path) -> None:
+    """Start Tansu and OpenBao, print GATEWAY_* exports, stop them on Ctrl-C."""
+    from gateway.services import local_services
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        with local_services(log_dir) as services:
+            assert services.openbao is not None
+            click.echo(f"export GATEWAY_KAFKA__BOOTSTRAP_SERVERS={services.tansu.bootstrap}")
+            click.echo("export GATEWAY_KAFKA__FETCH_MAX_WAIT_MS=50")
+            click.echo(f"export GATEWAY_VAULT__ADDR={services.openbao.addr}")
+            click.echo(f"export GATEWAY_VAULT__TOKEN={services.openbao.root_token}")
+            click.echo(f"# logs in {log_dir}; Ctrl-C stops both services", err=True)
+            try:
+                while not stop.wait(0.5):
+                    pass
+            except KeyboardInterrupt:
+                pass
+    except GatewayError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.option("--duration", type=float, default=20.0, show_default=True, help="seconds of load")
+@click.option("--no-dashboard", is_flag=True, help="plain progress lines instead of a live view")
+@click.option("--log-dir", type=click.Path(path_type=Path), default=None)
+def demo(duration: float, no_dashboard: bool, log_dir: Path | None) -> None:
+    """The whole system on one machine: services, gateway, a mixed workload, a summary."""
+    from gateway.demo import run_demo
+
+    settings = _settings()
+    configure_logging("json", "WARNING", "demo")
+    directory = log_dir or Path(tempfile.mkdtemp(prefix="gateway-demo-"))
+    try:
+        ok = asyncio.run(
+            run_demo(settings, duration_s=duration, dashboard=not no_dashboard, log_dir=directory)
+        )
+    except GatewayError as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(0 if ok else 1)

@@ -1,0 +1,83 @@
+"""One error tree for the gateway; every error says whether retrying can help."""
+
+from __future__ import annotations
+
+__all__ = [
+    "CatalogError",
+    "ConfigError",
+    "GatewayError",
+    "JobError",
+    "JobTimeout",
+    "ProduceError",
+    "ServiceError",
+    "TenantViolation",
+]
+
+
+class GatewayError(Exception):
+    """Root of every error the gateway raises on purpose."""
+
+    retryable: bool = False
+    code: str = "gateway_error"
+
+
+class ConfigError(GatewayError):
+    """Settings or environment are unusable; the process cannot start."""
+
+    code = "config_error"
+
+
+class CatalogError(ConfigError):
+    """A tenant file or the quota tiers are invalid; the message names file and field."""
+
+    code = "catalog_error"
+
+    def __init__(self, path: str, field: str, problem: str) -> None:
+        self.path = path
+        self.field = field
+        self.problem = problem
+        where = f"{path}: {field}" if field else path
+        super().__init__(f"{where}: {problem}")
+
+
+class ServiceError(GatewayError):
+    """A local service (Tansu, OpenBao) could not be started or reached."""
+
+    code = "service_error"
+
+
+class ProduceError(GatewayError):
+    """The broker did not acknowledge a record within its bound."""
+
+    retryable = True
+    code = "produce_failed"
+
+
+class JobError(GatewayError):
+    """A job's own failure, raised by flows; `retryable` picks retry or final failure."""
+
+    code = "job_error"
+
+    def __init__(self, message: str, *, retryable: bool = True, code: str | None = None) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        if code is not None:
+            self.code = code
+
+
+class JobTimeout(JobError):
+    """A job ran past its deadline."""
+
+    code = "deadline_exceeded"
+
+    def __init__(self, message: str = "job deadline exceeded") -> None:
+        super().__init__(message, retryable=True)
+
+
+class TenantViolation(JobError):
+    """A flow emitted a message for another tenant than the job's."""
+
+    code = "tenant_violation"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False)

@@ -1,0 +1,347 @@
+"""Kafka intake: consume jobs, retries and deferrals; track offsets; commit behind finished work."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Hashable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.structs import OffsetAndMetadata
+
+from gateway.catalog import Catalog
+from gateway.delays import DelayQueue
+from gateway.envelope import Rejection, Source, parse_record
+from gateway.errors import ProduceError
+from gateway.flows import JobTypes
+from gateway.history import TerminalHistory
+from gateway.observability import job_log
+from gateway.offsets import OffsetTracker, Ticket
+from gateway.outcomes import rejection_records
+from gateway.pools import Entry, Pools
+from gateway.publisher import Publisher
+from gateway.records import OutRecord, Status, delayed_record, status_record
+from gateway.settings import Settings
+
+__all__ = ["Intake"]
+
+log = logging.getLogger("gateway.intake")
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
+    def __init__(self, intake: Intake) -> None:
+        self._intake = intake
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._intake.on_revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self._intake.on_assigned(set(assigned))
+
+
+class Intake:
+    """One consumer in the group over `jobs`, `jobs.retry` and `jobs.deferred`."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        catalog: Callable[[], Catalog],
+        job_types: JobTypes,
+        publisher: Publisher,
+        pools: Pools,
+        history: TerminalHistory,
+        fatal: Callable[[BaseException], None],
+    ) -> None:
+        self._settings = settings
+        self._catalog = catalog
+        self._types = job_types
+        self._publisher = publisher
+        self._pools = pools
+        self._history = history
+        self._fatal = fatal
+        self.tracker = OffsetTracker()
+        self._delays: DelayQueue[Entry] = DelayQueue(self._due)
+        self._consumer: AIOKafkaConsumer | None = None
+        self._commit_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._commit_task: asyncio.Task[None] | None = None
+        self._assigned: set[TopicPartition] = set()
+        self._paused = False
+        self.assigned_event = asyncio.Event()
+        topics = settings.topics
+        self._delayed_topics = {topics.retry, topics.deferred}
+        self._on_assignment: Callable[[set[TopicPartition]], None] | None = None
+
+    def on_assignment(self, callback: Callable[[set[TopicPartition]], None]) -> None:
+        """Call `callback(assigned)` after every rebalance (quota shares follow it)."""
+        self._on_assignment = callback
+
+    @property
+    def assigned(self) -> set[TopicPartition]:
+        """Partitions this replica owns now."""
+        return set(self._assigned)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Join the group and start fetching."""
+        kafka = self._settings.kafka
+        topics = self._settings.topics
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=kafka.bootstrap_servers,
+            group_id=kafka.group_id,
+            client_id=f"{kafka.client_id}-intake",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=kafka.fetch_max_wait_ms,
+            max_poll_records=kafka.max_poll_records,
+            session_timeout_ms=kafka.session_timeout_ms,
+            heartbeat_interval_ms=kafka.heartbeat_interval_ms,
+            rebalance_timeout_ms=kafka.rebalance_timeout_ms,
+            request_timeout_ms=kafka.request_timeout_ms,
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+        )
+        consumer.subscribe([topics.jobs, topics.retry, topics.deferred], listener=_Listener(self))
+        await consumer.start()
+        self._consumer = consumer
+        await self._delays.start()
+        self._loop_task = asyncio.create_task(self._fetch_loop(), name="gateway:intake")
+        self._commit_task = asyncio.create_task(self._commit_loop(), name="gateway:commits")
+
+    async def stop_fetching(self) -> None:
+        """Stop taking records; held delayed records are dropped (redelivered later)."""
+        for attr in ("_loop_task", "_commit_task"):
+            task = getattr(self, attr)
+            setattr(self, attr, None)
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self._delays.stop()
+
+    async def drain_side_tasks(self, timeout_s: float) -> None:
+        """Wait (bounded) for DLQ and deferral publishes already under way."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout_s)
+
+    async def close(self) -> None:
+        """Commit what is finished and leave the group; idempotent."""
+        consumer = self._consumer
+        if consumer is None:
+            return
+        await self.commit()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=5.0)
+        self._consumer = None
+        await consumer.stop()
+
+    # -- fetching ------------------------------------------------------------
+
+    async def _fetch_loop(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        max_buffered = self._settings.max_buffered
+        while True:
+            try:
+                batches = await consumer.getmany(timeout_ms=1000)
+            except KafkaError as exc:
+                log.warning("fetch_failed", extra={"error": type(exc).__name__})
+                await asyncio.sleep(0.5)
+                continue
+            for tp, records in batches.items():
+                if tp not in self._assigned:
+                    continue
+                for record in records:
+                    self._take(tp, record)
+            self._backpressure(consumer, max_buffered)
+
+    def _backpressure(self, consumer: AIOKafkaConsumer, max_buffered: int) -> None:
+        # Last resort only: tenants' own buffers overflow to jobs.deferred long before.
+        outstanding = self.tracker.in_flight()
+        if not self._paused and outstanding >= max_buffered:
+            consumer.pause(*self._assigned)
+            self._paused = True
+            log.warning("intake_paused", extra={"outstanding": outstanding})
+        elif self._paused and outstanding < max_buffered * 0.8:
+            consumer.resume(*self._assigned)
+            self._paused = False
+            log.info("intake_resumed", extra={"outstanding": outstanding})
+
+    def _take(self, tp: TopicPartition, record: Any) -> None:
+        ticket = self.tracker.track(tp, record.offset)
+        source = Source(
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            value=record.value,
+            headers=tuple(record.headers or ()),
+            timestamp_ms=record.timestamp or 0,
+        )
+        parsed = parse_record(
+            source=source,
+            catalog=self._catalog(),
+            known_types=self._types,
+            max_payload_bytes=self._settings.max_payload_bytes,
+        )
+        if isinstance(parsed, Rejection):
+            self._reject(parsed, ticket)
+            return
+        entry = Entry(job=parsed, ticket=ticket, partition=tp)
+        not_before = parsed.not_before_ms
+        if (
+            not_before is not None
+            and record.topic in self._delayed_topics
+            and not_before > time.time() * 1000
+        ):
+            self._delays.add(not_before, entry)
+            return
+        self._admit(entry)
+
+    def _due(self, entry: Entry) -> None:
+        if entry.partition in self._assigned:
+            self._admit(entry)
+
+    def _admit(self, entry: Entry) -> None:
+        job = entry.job
+        if self._history.get(job.key) is not None:
+            job_log(log, logging.INFO, "duplicate_skipped", job)
+            self._finish_ticket(entry.ticket)
+            return
+        current = self._pools.find(job.key)
+        if current is not None:
+            # The same job is already queued or running: finish this record with it.
+            current.followers.append(entry.ticket)
+            return
+        if not self._pools.submit(entry):
+            self._defer(entry)
+
+    # -- outcomes that do not run a flow ---------------------------------------
+
+    def _reject(self, rejection: Rejection, ticket: Ticket) -> None:
+        log.info(
+            "job_rejected",
+            extra={
+                "reason": rejection.reason.value,
+                "tenant": rejection.tenant,
+                "job_id": rejection.job_id,
+                "topic": rejection.source.topic,
+                "partition": rejection.source.partition,
+                "offset": rejection.source.offset,
+            },
+        )
+        records = rejection_records(rejection, topics=self._settings.topics, at=time.time())
+        self._spawn(self._publish_then_finish(records, [ticket]))
+
+    def _defer(self, entry: Entry) -> None:
+        job = entry.job
+        topics = self._settings.topics
+        if self._catalog().get(job.tenant) is None:
+            # Removed from the catalog since parsing: the DLQ owns it now.
+            parsed = parse_record(
+                source=job.source,
+                catalog=self._catalog(),
+                known_types=self._types,
+                max_payload_bytes=self._settings.max_payload_bytes,
+            )
+            if isinstance(parsed, Rejection):
+                self._reject(parsed, entry.ticket)
+                return
+        now = time.time()
+        delay = self._pools.overflow_delay_s(job.tenant)
+        records = [
+            delayed_record(
+                topics.deferred, job, attempt=job.attempt, not_before_ms=int((now + delay) * 1000)
+            ),
+            status_record(
+                topics.status,
+                tenant=job.tenant,
+                job_id=job.id,
+                status=Status.DEFERRED,
+                attempt=job.attempt,
+                at=now,
+            ),
+        ]
+        job_log(log, logging.DEBUG, "job_deferred", job, delay_s=round(delay, 3))
+        self._spawn(self._publish_then_finish(records, [entry.ticket, *entry.followers]))
+
+    async def _publish_then_finish(self, records: list[OutRecord], tickets: list[Ticket]) -> None:
+        try:
+            await self._publisher.send(records)
+        except ProduceError as exc:
+            log.exception("outcome_not_recorded", extra={"error": exc.code})
+            self._fatal(exc)
+            return
+        for ticket in tickets:
+            self._finish_ticket(ticket)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def finish_entry(self, entry: Entry) -> None:
+        """A job's outcome is acknowledged: its record (and duplicates of it) are finished."""
+        self._finish_ticket(entry.ticket)
+        for ticket in entry.followers:
+            self._finish_ticket(ticket)
+
+    def _finish_ticket(self, ticket: Ticket) -> None:
+        self.tracker.finish(ticket)
+
+    # -- commits and rebalances ------------------------------------------------
+
+    async def _commit_loop(self) -> None:
+        interval = self._settings.kafka.commit_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval)
+            await self.commit()
+
+    async def commit(self, partitions: set[Hashable] | None = None) -> None:
+        """Commit every partition whose finished run moved; shielded, under a lock."""
+        consumer = self._consumer
+        if consumer is None:
+            return
+        async with self._commit_lock:
+            due = self.tracker.due_commits(partitions)
+            if not due:
+                return
+            offsets = {tp: OffsetAndMetadata(offset, "") for tp, offset in due.items()}
+            try:
+                await asyncio.shield(consumer.commit(offsets))
+            except (CommitFailedError, KafkaError) as exc:
+                log.warning("commit_failed", extra={"error": type(exc).__name__})
+                return
+            self.tracker.mark_committed(due)
+
+    async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Stop admitting, give running jobs a bounded time, commit, forget."""
+        if not revoked:
+            return
+        self._assigned -= revoked
+        self._delays.remove(lambda e: e.partition in revoked)
+        grace = min(self._settings.shutdown_grace_s, self._settings.kafka.session_timeout_ms / 2000)
+        await self._pools.revoke(set(revoked), grace)
+        await self.commit(set(revoked))
+        for tp in revoked:
+            self.tracker.revoke(tp)
+        log.info("partitions_revoked", extra={"partitions": sorted(map(str, revoked))})
+
+    async def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Track new partitions; the consumer resumes them from the committed offset."""
+        for tp in assigned:
+            self.tracker.assign(tp)
+        self._assigned |= assigned
+        if self._paused and self._consumer is not None:
+            self._consumer.pause(*assigned)
+        if self._on_assignment is not None:
+            self._on_assignment(set(self._assigned))
+        self.assigned_event.set()
+        log.info("partitions_assigned", extra={"partitions": sorted(map(str, self._assigned))})

@@ -1,0 +1,109 @@
+"""Structured logging: JSON lines (or plain text on a terminal) with job context fields."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from gateway.envelope import Job
+
+__all__ = ["configure_logging", "flow_event_middleware", "job_log"]
+
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+_REPLICA = {"value": ""}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, event, plus the record's extras."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        body: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        if _REPLICA["value"]:
+            body["replica"] = _REPLICA["value"]
+        body.update(
+            (key, value)
+            for key, value in record.__dict__.items()
+            if key not in _STANDARD and not key.startswith("_")
+        )
+        if record.exc_info and record.exc_info[0] is not None:
+            # Type only: exception text can carry payload data or secrets.
+            body["exc_type"] = record.exc_info[0].__name__
+        return json.dumps(body, default=str, ensure_ascii=False)
+
+
+class PlainFormatter(logging.Formatter):
+    """Readable single lines for people at a terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        extras = " ".join(
+            f"{k}={v}"
+            for k, v in record.__dict__.items()
+            if k not in _STANDARD and not k.startswith("_")
+        )
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+        line = f"{stamp} {record.levelname:<7} {record.name}: {record.getMessage()}"
+        return f"{line} {extras}" if extras else line
+
+
+def configure_logging(fmt: str = "auto", level: str = "INFO", replica: str = "") -> None:
+    """Route every gateway log line to stderr in the chosen format."""
+    _REPLICA["value"] = replica
+    use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if use_json else PlainFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # PenguiFlow logs every node event itself, with exception reprs that may carry
+    # payload data; we capture its FlowEvents through our middleware instead.
+    pf = logging.getLogger("penguiflow")
+    pf.setLevel(logging.CRITICAL + 1)
+    pf.propagate = False
+    for noisy in ("aiokafka", "kafka", "urllib3", "uvicorn.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def job_log(logger: logging.Logger, level: int, event: str, job: Job, **fields: Any) -> None:
+    """Log a job event with its identifying fields (never its payload)."""
+    if logger.isEnabledFor(level):
+        extra = {
+            "job_id": job.id,
+            "tenant": job.tenant,
+            "type": job.type,
+            "attempt": job.attempt,
+            "trace_id": f"job-{job.id}",
+        }
+        extra.update({k: v for k, v in fields.items() if v is not None})
+        logger.log(level, event, extra=extra)
+
+
+_flow_log = logging.getLogger("gateway.flow")
+_FLOW_EVENTS = {"node_error", "node_timeout", "node_failed", "trace_cancel_start", "deadline_skip"}
+
+
+def flow_event_middleware(job: Job) -> Callable[[Any], Awaitable[None]]:
+    """A PenguiFlow middleware logging this job's notable FlowEvents with its tenant."""
+
+    async def middleware(event: Any) -> None:
+        name = event.event_type
+        if name in _FLOW_EVENTS and _flow_log.isEnabledFor(logging.INFO):
+            level = logging.WARNING if name in ("node_error", "node_failed") else logging.INFO
+            job_log(
+                _flow_log,
+                level,
+                name,
+                job,
+                node=event.node_name,
+                latency_ms=event.latency_ms,
+            )
+
+    return middleware

@@ -1,0 +1,136 @@
+"""Gap-aware offset tracking: a partition commits only past a contiguous finished run.
+
+Pure logic, no I/O. A record is *tracked* when the consumer hands it over and
+*finished* once its outcome (result, retry, deferral or DLQ record) is acknowledged
+by the broker. The commit point of a partition is the offset of its first unfinished
+record, or one past the last record seen when all are finished.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+__all__ = ["OffsetTracker", "PartitionOffsets", "Ticket"]
+
+
+class PartitionOffsets:
+    """Offsets of one partition in arrival order; finishing may happen in any order."""
+
+    __slots__ = ("_committed", "_finished", "_last_seen", "_pending")
+
+    def __init__(self) -> None:
+        self._pending: deque[int] = deque()
+        self._finished: set[int] = set()
+        self._last_seen: int | None = None
+        self._committed: int | None = None
+
+    def track(self, offset: int) -> None:
+        """Register a record handed to the gateway; offsets must increase."""
+        if self._last_seen is not None and offset <= self._last_seen:
+            raise ValueError(f"offset {offset} is not after {self._last_seen}")
+        self._last_seen = offset
+        self._pending.append(offset)
+
+    def finish(self, offset: int) -> None:
+        """Mark a tracked record finished (idempotent)."""
+        if offset < (self._pending[0] if self._pending else offset + 1):
+            return
+        self._finished.add(offset)
+        pending, finished = self._pending, self._finished
+        while pending and pending[0] in finished:
+            finished.discard(pending.popleft())
+
+    @property
+    def in_flight(self) -> int:
+        """Tracked records not yet finished."""
+        return len(self._pending) - len(self._finished)
+
+    def commit_point(self) -> int | None:
+        """The offset to commit (next to consume), or None before any record."""
+        if self._pending:
+            return self._pending[0]
+        if self._last_seen is None:
+            return None
+        return self._last_seen + 1
+
+    def due_commit(self) -> int | None:
+        """The commit point when it moved since the last `mark_committed`, else None."""
+        point = self.commit_point()
+        if point is None or point == self._committed:
+            return None
+        return point
+
+    def mark_committed(self, offset: int) -> None:
+        """Record that `offset` reached the broker."""
+        if self._committed is None or offset > self._committed:
+            self._committed = offset
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """Proof of tracking; finishing a ticket of a revoked partition has no effect."""
+
+    partition: Hashable
+    offset: int
+    owner: PartitionOffsets
+
+
+class OffsetTracker:
+    """Per-partition trackers that appear on assignment and vanish on revocation."""
+
+    __slots__ = ("_partitions",)
+
+    def __init__(self) -> None:
+        self._partitions: dict[Hashable, PartitionOffsets] = {}
+
+    def assign(self, partition: Hashable) -> None:
+        """Start (or keep) tracking a partition."""
+        self._partitions.setdefault(partition, PartitionOffsets())
+
+    def revoke(self, partition: Hashable) -> None:
+        """Forget a partition; its outstanding tickets become inert."""
+        self._partitions.pop(partition, None)
+
+    def track(self, partition: Hashable, offset: int) -> Ticket:
+        """Track one record of an assigned partition."""
+        owner = self._partitions.get(partition)
+        if owner is None:
+            owner = self._partitions[partition] = PartitionOffsets()
+        owner.track(offset)
+        return Ticket(partition, offset, owner)
+
+    def finish(self, ticket: Ticket) -> None:
+        """Finish a ticket; a ticket from before a revocation is ignored."""
+        if self._partitions.get(ticket.partition) is ticket.owner:
+            ticket.owner.finish(ticket.offset)
+
+    def in_flight(self, partition: Hashable | None = None) -> int:
+        """Unfinished records of one partition, or of all."""
+        if partition is not None:
+            owner = self._partitions.get(partition)
+            return owner.in_flight if owner is not None else 0
+        return sum(owner.in_flight for owner in self._partitions.values())
+
+    def due_commits(self, partitions: set[Hashable] | None = None) -> dict[Hashable, int]:
+        """Commit points that moved, optionally only for some partitions."""
+        due: dict[Hashable, int] = {}
+        for partition, owner in self._partitions.items():
+            if partitions is not None and partition not in partitions:
+                continue
+            point = owner.due_commit()
+            if point is not None:
+                due[partition] = point
+        return due
+
+    def mark_committed(self, commits: dict[Hashable, int]) -> None:
+        """Record a successful commit of `due_commits()` output."""
+        for partition, offset in commits.items():
+            owner = self._partitions.get(partition)
+            if owner is not None:
+                owner.mark_committed(offset)
+
+    def partitions(self) -> list[Hashable]:
+        """Partitions currently tracked."""
+        return list(self._partitions)

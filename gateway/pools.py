@@ -1,0 +1,271 @@
+"""Tenant pools: admission under each tenant's quota, fair dispatch, and job execution."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass, field
+
+from gateway.catalog import Catalog, Tenant
+from gateway.envelope import Job
+from gateway.errors import ProduceError
+from gateway.flows import JobContext, JobTypes, Outcome, SecretReader, run_job
+from gateway.observability import flow_event_middleware, job_log
+from gateway.offsets import Ticket
+from gateway.outcomes import decide
+from gateway.publisher import Publisher
+from gateway.records import Status, status_record
+from gateway.scheduler import FairScheduler, TenantLimits
+from gateway.settings import Settings
+from gateway.statusview import JobStatus, StatusView
+
+__all__ = ["Entry", "Pools", "limits_for"]
+
+log = logging.getLogger("gateway.pools")
+
+
+@dataclass(eq=False, slots=True)
+class Entry:
+    """A job on its way through the gateway, with the offset ticket(s) it finishes."""
+
+    job: Job
+    ticket: Ticket
+    partition: Hashable
+    followers: list[Ticket] = field(default_factory=list)
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+
+def limits_for(tenant: Tenant, share: float = 1.0) -> TenantLimits:
+    """The scheduler's view of a tenant's quota, scaled to this replica's share."""
+    quota = tenant.quota
+    return TenantLimits(
+        max_concurrency=max(1, round(quota.max_concurrency * share)),
+        rate_per_s=max(1e-3, quota.rate_per_s * share),
+        burst=max(1, round(quota.burst * share)),
+        max_queued=max(1, round(quota.max_queued * share)),
+        weight=quota.weight,
+    )
+
+
+SecretsFor = Callable[[Tenant], SecretReader | None]
+
+
+class Pools:
+    """Buffers jobs per tenant, starts them fairly within quotas, and records outcomes."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        catalog: Callable[[], Catalog],
+        job_types: JobTypes,
+        publisher: Publisher,
+        status_view: StatusView,
+        finish: Callable[[Entry], None],
+        fatal: Callable[[BaseException], None],
+        secrets_for: SecretsFor | None = None,
+    ) -> None:
+        self._settings = settings
+        self._catalog = catalog
+        self._types = job_types
+        self._publisher = publisher
+        self._status = status_view
+        self._finish = finish
+        self._fatal = fatal
+        self._secrets_for = secrets_for
+        self._rng = random.Random()  # noqa: S311  # backoff jitter, not a secret
+        self.scheduler: FairScheduler[Entry] = FairScheduler(settings.max_inflight)
+        self._by_key: dict[tuple[str, str], Entry] = {}
+        self._running: set[Entry] = set()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._share = 1.0
+
+    # -- admission -----------------------------------------------------------
+
+    def find(self, key: tuple[str, str]) -> Entry | None:
+        """The queued or running entry of a job (tenant first in the key, always)."""
+        return self._by_key.get(key)
+
+    def submit(self, entry: Entry) -> bool:
+        """Buffer a job in its tenant's pool; False when the pool is full (defer it)."""
+        tenant = self._catalog().get(entry.job.tenant)
+        if tenant is None:
+            return False
+        if self.scheduler.tenant(tenant.id) is None:
+            self.scheduler.configure(tenant.id, limits_for(tenant, self._share), time.monotonic())
+        if not self.scheduler.push(tenant.id, entry):
+            return False
+        self._by_key[entry.job.key] = entry
+        self._wake.set()
+        return True
+
+    def apply_catalog(self, catalog: Catalog) -> None:
+        """Apply new limits to admissions from now on (hot reload, share change)."""
+        now = time.monotonic()
+        for tenant in catalog:
+            self.scheduler.configure(tenant.id, limits_for(tenant, self._share), now)
+        self._wake.set()
+
+    def set_share(self, share: float) -> None:
+        """This replica's share of every tenant's quota (its share of partitions)."""
+        self._share = max(0.0, min(1.0, share)) or 1.0
+        self.apply_catalog(self._catalog())
+
+    def overflow_delay_s(self, tenant_id: str) -> float:
+        """How long a deferred job should wait: the time to drain its tenant's buffer."""
+        queue = self.scheduler.tenant(tenant_id)
+        if queue is None:
+            return 1.0
+        return max(0.05, len(queue.items) / queue.bucket.rate)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start dispatching."""
+        self.apply_catalog(self._catalog())
+        if self._task is None:
+            self._task = asyncio.create_task(self._dispatch(), name="gateway:dispatch")
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop starting jobs, let running ones finish within `grace_s`, cancel the rest."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for entry in self.scheduler.remove(lambda _: True):
+            self._by_key.pop(entry.job.key, None)
+        await self._wait_or_cancel(list(self._running), grace_s)
+
+    async def revoke(self, partitions: set[Hashable], grace_s: float) -> None:
+        """Drop queued jobs of revoked partitions; give running ones `grace_s`, then cancel."""
+        for entry in self.scheduler.remove(lambda e: e.partition in partitions):
+            self._by_key.pop(entry.job.key, None)
+        running = [e for e in self._running if e.partition in partitions]
+        await self._wait_or_cancel(running, grace_s)
+
+    async def _wait_or_cancel(self, entries: list[Entry], grace_s: float) -> None:
+        tasks = [e.task for e in entries if e.task is not None]
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=grace_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            log.warning("jobs_cancelled_unfinished", extra={"count": len(pending)})
+            await asyncio.wait(pending, timeout=10.0)
+
+    @property
+    def running(self) -> int:
+        """Jobs running now."""
+        return len(self._running)
+
+    # -- dispatch ------------------------------------------------------------
+
+    async def _dispatch(self) -> None:
+        scheduler = self.scheduler
+        while True:
+            now = time.monotonic()
+            while (picked := scheduler.pop(now)) is not None:
+                _, entry = picked
+                self._running.add(entry)
+                entry.task = asyncio.create_task(self._execute(entry), name="gateway:job")
+            self._wake.clear()
+            wait = (
+                scheduler.next_wakeup_s(now) if scheduler.running < scheduler.total_slots else None
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
+
+    async def _execute(self, entry: Entry) -> None:
+        job = entry.job
+        try:
+            await self._run_and_record(entry)
+        except asyncio.CancelledError:
+            raise
+        except ProduceError as exc:
+            job_log(log, logging.ERROR, "outcome_not_recorded", job, error=exc.code)
+            self._fatal(exc)
+        finally:
+            self._running.discard(entry)
+            if self._by_key.get(job.key) is entry:
+                del self._by_key[job.key]
+            self.scheduler.release(job.tenant)
+            self._wake.set()
+
+    async def _run_and_record(self, entry: Entry) -> None:
+        job = entry.job
+        topics = self._settings.topics
+        tenant = self._catalog().get(job.tenant)
+        started = time.time()
+        await self._publisher.send_later(
+            status_record(
+                topics.status,
+                tenant=job.tenant,
+                job_id=job.id,
+                status=Status.RUNNING,
+                attempt=job.attempt,
+                at=started,
+            )
+        )
+        if entry.cancel.is_set():
+            outcome = Outcome(Status.CANCELLED, None, "cancelled", "cancelled on request")
+        else:
+            outcome = await self._run(entry, tenant, started)
+        finished = time.time()
+        decision = decide(
+            job,
+            outcome,
+            tenant=tenant,
+            topics=topics,
+            retry=self._settings.retry,
+            started_at=started,
+            finished_at=finished,
+            rng=self._rng,
+        )
+        await self._publisher.send(decision.records)
+        self._status.observe(
+            JobStatus(job.tenant, job.id, decision.status, job.attempt, str(finished))
+        )
+        job_log(
+            log,
+            logging.INFO,
+            "job_finished",
+            job,
+            outcome=decision.status.value,
+            duration_ms=round((finished - started) * 1000, 3),
+            error=outcome.error_code,
+        )
+        self._finish(entry)
+
+    async def _run(self, entry: Entry, tenant: Tenant | None, started: float) -> Outcome:
+        job = entry.job
+        factory = self._types.get(job.type)
+        if factory is None or tenant is None:
+            reason = "unknown_type" if factory is None else "unknown_tenant"
+            return Outcome(Status.FAILED, None, reason, "job can no longer run here")
+        deadline = job.deadline_s or tenant.jobs.default_deadline_s
+        secrets = self._secrets_for(tenant) if self._secrets_for is not None else None
+        ctx = JobContext(
+            tenant=job.tenant,
+            job_id=job.id,
+            job_type=job.type,
+            attempt=job.attempt,
+            payload=job.payload,
+            deadline_at=started + deadline,
+            base_idempotency_key=job.idempotency_key,
+            **({"secrets": secrets} if secrets is not None else {}),
+        )
+        middleware = flow_event_middleware(job)
+        return await run_job(ctx, factory, cancel=entry.cancel, middlewares=[middleware])
+
+    def snapshot(self) -> Iterable[tuple[str, int, int, int]]:
+        """(tenant, queued, running, started) for every pool."""
+        for tenant_id, queue in self.scheduler.tenants():
+            yield tenant_id, len(queue.items), queue.running, queue.started

@@ -1,0 +1,151 @@
+"""Weighted fair scheduling of job starts across tenants (pure; no I/O, no clock).
+
+Stride scheduling: each backlogged tenant has a virtual *pass*; the next slot goes to
+the eligible tenant with the smallest pass, which then advances by 1 / weight. Over
+time each backlogged tenant's share of starts follows its weight. A tenant that
+becomes active joins at the current virtual time, so its first job is picked at the
+next free slot instead of waiting behind anyone's backlog. A tenant is eligible while
+it runs fewer than its `max_concurrency` jobs and its token bucket has a token.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from gateway.quotas import TokenBucket
+
+__all__ = ["FairScheduler", "TenantLimits", "TenantQueue"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class TenantLimits:
+    """The part of a quota the scheduler enforces."""
+
+    max_concurrency: int
+    rate_per_s: float
+    burst: int
+    max_queued: int
+    weight: int
+
+
+@dataclass(slots=True)
+class TenantQueue(Generic[T]):
+    """One tenant's buffer and counters."""
+
+    limits: TenantLimits
+    bucket: TokenBucket
+    items: deque[T] = field(default_factory=deque)
+    running: int = 0
+    passed: float = 0.0
+    started: int = 0
+    throttled: int = 0
+
+
+class FairScheduler(Generic[T]):
+    """Per-tenant FIFO buffers, limits and weighted fair choice of the next job."""
+
+    def __init__(self, total_slots: int) -> None:
+        self.total_slots = total_slots
+        self.running = 0
+        self._tenants: dict[str, TenantQueue[T]] = {}
+        self._vtime = 0.0
+
+    def configure(self, tenant: str, limits: TenantLimits, now: float) -> None:
+        """Add a tenant or change its limits (hot reload keeps queued work)."""
+        queue = self._tenants.get(tenant)
+        if queue is None:
+            bucket = TokenBucket(limits.rate_per_s, limits.burst, now)
+            self._tenants[tenant] = TenantQueue(limits=limits, bucket=bucket, passed=self._vtime)
+            return
+        queue.limits = limits
+        queue.bucket.reconfigure(limits.rate_per_s, limits.burst, now)
+
+    def tenant(self, tenant: str) -> TenantQueue[T] | None:
+        """A tenant's queue and counters."""
+        return self._tenants.get(tenant)
+
+    def tenants(self) -> Iterator[tuple[str, TenantQueue[T]]]:
+        """Every configured tenant."""
+        return iter(self._tenants.items())
+
+    def queued(self) -> int:
+        """Jobs buffered across all tenants."""
+        return sum(len(q.items) for q in self._tenants.values())
+
+    def push(self, tenant: str, item: T) -> bool:
+        """Buffer a job; False when the tenant's buffer is full (overflow)."""
+        queue = self._tenants[tenant]
+        if len(queue.items) >= queue.limits.max_queued and queue.items:
+            return False
+        if not queue.items and queue.running == 0:
+            # Joining (again): start at the current virtual time, never in the past,
+            # so idleness earns no burst of priority and costs no wait.
+            queue.passed = max(queue.passed, self._vtime)
+        queue.items.append(item)
+        return True
+
+    def pop(self, now: float) -> tuple[str, T] | None:
+        """The next job to start, or None when no tenant is eligible or no slot is free."""
+        if self.running >= self.total_slots:
+            return None
+        best: TenantQueue[T] | None = None
+        best_id = ""
+        for tenant_id, queue in self._tenants.items():
+            if not queue.items or queue.running >= queue.limits.max_concurrency:
+                continue
+            if queue.bucket.available(now) < 1.0:
+                continue
+            if best is None or queue.passed < best.passed:
+                best, best_id = queue, tenant_id
+        if best is None:
+            return None
+        best.bucket.try_take(now)
+        item = best.items.popleft()
+        best.running += 1
+        best.started += 1
+        self.running += 1
+        self._vtime = max(self._vtime, best.passed)
+        best.passed += 1.0 / best.limits.weight
+        return best_id, item
+
+    def release(self, tenant: str) -> None:
+        """A job of `tenant` finished; its slot is free."""
+        queue = self._tenants.get(tenant)
+        if queue is not None and queue.running > 0:
+            queue.running -= 1
+        self.running = max(0, self.running - 1)
+
+    def next_wakeup_s(self, now: float) -> float | None:
+        """Seconds until a rate-limited tenant with work gets a token, if any is waiting."""
+        waits = [
+            q.bucket.wait_s(now)
+            for q in self._tenants.values()
+            if q.items and q.running < q.limits.max_concurrency
+        ]
+        return min(waits) if waits else None
+
+    def remove(self, predicate: Callable[[T], bool]) -> list[T]:
+        """Take every buffered job matching `predicate` out of the buffers."""
+        removed: list[T] = []
+        for queue in self._tenants.values():
+            keep: deque[T] = deque()
+            for item in queue.items:
+                (removed if predicate(item) else keep).append(item)
+            queue.items = keep
+        return removed
+
+    def drop_tenant(self, tenant: str) -> list[T]:
+        """Forget a tenant removed from the catalog once it has nothing running."""
+        queue = self._tenants.get(tenant)
+        if queue is None:
+            return []
+        items = list(queue.items)
+        queue.items.clear()
+        if queue.running == 0:
+            del self._tenants[tenant]
+        return items

@@ -1,0 +1,180 @@
+"""The gateway process: wiring, start order and the one written-down shutdown order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Hashable
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from gateway.catalog import Catalog, load_catalog
+from gateway.errors import GatewayError
+from gateway.flows import JobTypes, load_job_types
+from gateway.history import TerminalHistory
+from gateway.intake import Intake
+from gateway.pools import Entry, Pools
+from gateway.publisher import Publisher
+from gateway.settings import KafkaSettings, Settings, TopicSettings
+from gateway.statusview import StatusView
+
+__all__ = ["Gateway", "ensure_topics", "run_gateway"]
+
+log = logging.getLogger("gateway.service")
+
+# Bound on waiting for the status view to read what is already on `jobs.status`
+# before taking jobs, so redelivered finished jobs are recognised.
+_STATUS_CATCH_UP_S = 30.0
+
+
+async def ensure_topics(kafka: KafkaSettings, topics: TopicSettings) -> None:
+    """Create any missing contract topic (clusters without auto-create, and Tansu)."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=kafka.bootstrap_servers, request_timeout_ms=kafka.request_timeout_ms
+    )
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [t for t in topics.all() if t not in existing]
+        if missing:
+            await admin.create_topics([NewTopic(name, kafka.partitions, 1) for name in missing])
+            log.info("topics_created", extra={"topics": missing})
+    finally:
+        await admin.close()
+
+
+class Gateway:
+    """All components of one replica; `start()` then `wait()`; `stop()` is idempotent."""
+
+    def __init__(
+        self, settings: Settings, catalog: Catalog, job_types: JobTypes | None = None
+    ) -> None:
+        self.settings = settings
+        self._catalog = catalog
+        self.job_types = job_types or load_job_types(settings.flows)
+        self.history = TerminalHistory(settings.history_size)
+        self.publisher = Publisher(settings.kafka)
+        self.status_view = StatusView(
+            settings.kafka, settings.topics.status, self.history, settings.history_size
+        )
+        self.pools = Pools(
+            settings=settings,
+            catalog=self.catalog,
+            job_types=self.job_types,
+            publisher=self.publisher,
+            status_view=self.status_view,
+            finish=self._finish,
+            fatal=self.fail,
+        )
+        self.intake = Intake(
+            settings=settings,
+            catalog=self.catalog,
+            job_types=self.job_types,
+            publisher=self.publisher,
+            pools=self.pools,
+            history=self.history,
+            fatal=self.fail,
+        )
+        self.intake.on_assignment(self._update_share)
+        self._stopped = asyncio.Event()
+        self._stopping = False
+        self.exit_code = 0
+
+    def catalog(self) -> Catalog:
+        """The catalog in force now."""
+        return self._catalog
+
+    def _finish(self, entry: Entry) -> None:
+        self.intake.finish_entry(entry)
+
+    def _update_share(self, assigned: set[Hashable]) -> None:
+        jobs_topic = self.settings.topics.jobs
+        mine = sum(1 for tp in assigned if getattr(tp, "topic", None) == jobs_topic)
+        total = self.settings.kafka.partitions
+        self.pools.set_share(mine / total if mine and total else 1.0)
+
+    def fail(self, exc: BaseException) -> None:
+        """A fatal error: stop with a non-zero exit; unfinished work is redelivered."""
+        log.error("fatal_error", extra={"error": type(exc).__name__})
+        self.exit_code = 1
+        self.request_stop()
+
+    def request_stop(self) -> None:
+        """Ask the service to stop (signal handlers call this)."""
+        self._stopped.set()
+
+    async def start(self) -> None:
+        """Start order: topics, producer, status view (caught up), pools, intake."""
+        if self.settings.kafka.create_topics:
+            await ensure_topics(self.settings.kafka, self.settings.topics)
+        await self.publisher.start()
+        await self.status_view.start()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.status_view.caught_up.wait(), _STATUS_CATCH_UP_S)
+        await self.pools.start()
+        await self.intake.start()
+        log.info(
+            "gateway_started",
+            extra={"replica": self.settings.replica, "tenants": len(self._catalog)},
+        )
+
+    async def wait(self) -> None:
+        """Block until a stop is requested."""
+        await self._stopped.wait()
+
+    async def stop(self) -> None:
+        """Shutdown order, in one place:
+
+        1. stop fetching (held retries/deferrals are dropped, not committed);
+        2. stop starting jobs; running ones get `shutdown_grace_s`, then are cancelled
+           (their records stay uncommitted and are redelivered);
+        3. wait for DLQ/deferral publishes and status records already sent;
+        4. commit every finished run and leave the group;
+        5. close the status view and the producer.
+        """
+        if self._stopping:
+            return
+        self._stopping = True
+        self._stopped.set()
+        await self.intake.stop_fetching()
+        await self.pools.stop(self.settings.shutdown_grace_s)
+        await self.intake.drain_side_tasks(self.settings.kafka.produce_timeout_s)
+        await self.publisher.drain()
+        await self.intake.close()
+        await self.status_view.stop()
+        await self.publisher.stop()
+        log.info("gateway_stopped", extra={"exit_code": self.exit_code})
+
+
+async def run_gateway(settings: Settings) -> int:
+    """`gateway run`: start, serve until SIGTERM/SIGINT, stop in order; a 2nd signal exits."""
+    catalog = load_catalog(settings.tenants_dir, settings.policies_dir)
+    gateway = Gateway(settings, catalog)
+    loop = asyncio.get_running_loop()
+    signals_seen = 0
+
+    def on_signal() -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen > 1:
+            log.warning("second_signal_exit")
+            os._exit(130)
+        log.info("shutdown_requested")
+        gateway.request_stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        await gateway.start()
+        await gateway.wait()
+    except GatewayError as exc:
+        log.exception("start_failed", extra={"error": str(exc)})
+        gateway.exit_code = 1
+    finally:
+        await gateway.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    return gateway.exit_code

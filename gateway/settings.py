@@ -1,0 +1,164 @@
+"""Settings, parsed once at the edge into frozen objects (prefix GATEWAY_, delimiter __)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = [
+    "HttpSettings",
+    "KafkaSettings",
+    "RetrySettings",
+    "Settings",
+    "TopicSettings",
+    "VaultSettings",
+    "load_settings",
+]
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaSettings(BaseModel):
+    """Broker connection and consumer-group tuning."""
+
+    model_config = _FROZEN
+
+    bootstrap_servers: str = "localhost:9092"
+    group_id: str = "gateway"
+    client_id: str = "gateway"
+    # aiokafka's default is 500; brokers that wait the whole time (Tansu) add that much latency.
+    fetch_max_wait_ms: int = Field(default=100, ge=0, le=60_000)
+    max_poll_records: int = Field(default=500, ge=1)
+    session_timeout_ms: int = Field(default=10_000, ge=1_000)
+    heartbeat_interval_ms: int = Field(default=1_000, ge=100)
+    rebalance_timeout_ms: int = Field(default=30_000, ge=1_000)
+    request_timeout_ms: int = Field(default=30_000, ge=1_000)
+    linger_ms: int = Field(default=2, ge=0)
+    commit_interval_ms: int = Field(default=500, ge=10)
+    produce_timeout_s: float = Field(default=30.0, gt=0)
+    # Topics the gateway creates at start when missing (Tansu and dev clusters need it).
+    create_topics: bool = True
+    partitions: int = Field(default=4, ge=1)
+
+
+class TopicSettings(BaseModel):
+    """Names of every topic in the contract."""
+
+    model_config = _FROZEN
+
+    jobs: str = "jobs"
+    results: str = "jobs.results"
+    status: str = "jobs.status"
+    control: str = "jobs.control"
+    retry: str = "jobs.retry"
+    deferred: str = "jobs.deferred"
+    dlq: str = "jobs.dlq"
+
+    def all(self) -> tuple[str, ...]:
+        """Every topic, input first."""
+        return (
+            self.jobs,
+            self.results,
+            self.status,
+            self.control,
+            self.retry,
+            self.deferred,
+            self.dlq,
+        )
+
+
+class VaultSettings(BaseModel):
+    """How the gateway reaches and authenticates to Vault."""
+
+    model_config = _FROZEN
+
+    addr: str = "http://127.0.0.1:8200"
+    token: SecretStr | None = None
+    role_id: str | None = None
+    secret_id: SecretStr | None = None
+    mount: str = "secret"
+    cache_ttl_s: float = Field(default=300.0, gt=0)
+    max_stale_s: float = Field(default=600.0, ge=0)
+    timeout_s: float = Field(default=5.0, gt=0)
+    enabled: bool = True
+
+
+class HttpSettings(BaseModel):
+    """Control API listener."""
+
+    model_config = _FROZEN
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    enabled: bool = True
+
+
+class RetrySettings(BaseModel):
+    """Exponential backoff with full jitter for jobs.retry."""
+
+    model_config = _FROZEN
+
+    base_s: float = Field(default=1.0, ge=0)
+    factor: float = Field(default=2.0, ge=1)
+    cap_s: float = Field(default=300.0, ge=0)
+    jitter: float = Field(default=0.5, ge=0, le=1)
+    max_attempts: int = Field(default=5, ge=1)
+
+
+def _default_replica() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Settings(BaseSettings):
+    """Everything the gateway reads from its environment (and .env)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GATEWAY_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+        frozen=True,
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    topics: TopicSettings = TopicSettings()
+    vault: VaultSettings = VaultSettings()
+    http: HttpSettings = HttpSettings()
+    retry: RetrySettings = RetrySettings()
+    tenants_dir: Path = Path("tenants")
+    policies_dir: Path = Path("policies")
+    max_inflight: int = Field(default=256, ge=1)
+    # Records buffered in memory beyond the running ones before partitions are paused.
+    max_buffered: int = Field(default=10_000, ge=1)
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
+    max_payload_bytes: int = Field(default=1_048_576, ge=1)
+    flows: Annotated[tuple[str, ...], NoDecode] = ()
+    replica: str = Field(default_factory=_default_replica)
+    log_format: str = Field(default="auto", pattern="^(auto|json|plain)$")
+    log_level: str = "INFO"
+    # Terminal job ids remembered to skip redelivered work (idempotency).
+    history_size: int = Field(default=200_000, ge=1)
+
+    @field_validator("flows", mode="before")
+    @classmethod
+    def _split_flows(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @model_validator(mode="after")
+    def _check_vault_auth(self) -> Settings:
+        vault = self.vault
+        if (vault.role_id is None) != (vault.secret_id is None):
+            raise ValueError("vault.role_id and vault.secret_id must be set together")
+        return self
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Parse the environment once; keyword overrides win (used by the CLI and tests)."""
+    return Settings(**overrides)  # type: ignore[arg-type]  # pydantic accepts nested dicts
