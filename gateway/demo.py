@@ -122,7 +122,6 @@ async def _collect(consumer: AIOKafkaConsumer, board: _Scoreboard, results: str,
                 sent = board.sent_at.pop(body["id"], None)
                 if sent is not None:
                     stats.latencies_ms.append((time.monotonic() - sent) * 1000)
-        del records
 
 
 async def run_demo(
@@ -185,8 +184,7 @@ async def run_demo(
             await work
         finally:
             collector.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await collector
+            await asyncio.gather(collector, return_exceptions=True)
             await consumer.stop()
             await producer.stop()
             await gateway.stop()

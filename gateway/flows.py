@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import importlib
+import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,11 @@ __all__ = [
 
 FlowGraph = Sequence[tuple[Node, Sequence[Node]]]
 Middleware = Callable[[Any], Awaitable[None]]
+# PenguiFlow logs every node error with the exception's repr and traceback, which can
+# carry payload data or secret values; the gateway reports FlowEvents through its own
+# middleware instead (gateway.observability), so the library's logger stays silent.
+logging.getLogger("penguiflow").setLevel(logging.CRITICAL + 1)
+
 # How long flow.stop() may take once a job is over; a node that ignores
 # cancellation must not hold its slot forever.
 _STOP_TIMEOUT_S = 5.0

@@ -44,7 +44,6 @@ class StatusView:
         self._latest: LRUCache[tuple[str, str], JobStatus] = LRUCache(maxsize=maxsize)
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
-        self._end: dict[TopicPartition, int] = {}
         self.caught_up = asyncio.Event()
 
     def get(self, key: tuple[str, str]) -> JobStatus | None:
@@ -79,10 +78,6 @@ class StatusView:
         tps = [TopicPartition(self._topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
-        self._end = dict(await consumer.end_offsets(tps)) if tps else {}
-        self._end = {tp: end for tp, end in self._end.items() if end > 0}
-        if not self._end:
-            self.caught_up.set()
         self._task = asyncio.create_task(self._run(), name="gateway:status-view")
 
     async def stop(self) -> None:
@@ -106,16 +101,15 @@ class StatusView:
                 log.warning("status_fetch_failed", extra={"error": type(exc).__name__})
                 await asyncio.sleep(1.0)
                 continue
-            for tp, records in batches.items():
+            if not batches:
+                # A poll with nothing new: everything already on the topic is read.
+                # (Log-end offsets from ListOffsets are not reliable on every broker.)
+                self.caught_up.set()
+            for records in batches.values():
                 for record in records:
                     parsed = _parse(record.value)
                     if parsed is not None:
                         self.observe(parsed)
-                if not self.caught_up.is_set() and tp in self._end:
-                    if records[-1].offset + 1 >= self._end[tp]:
-                        del self._end[tp]
-                    if not self._end:
-                        self.caught_up.set()
 
 
 def _parse(value: bytes | None) -> JobStatus | None:

@@ -1,0 +1,286 @@
+"""Fixtures: one real Tansu broker per session, isolated topics and groups per test."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from gateway.service import ensure_topics
+from gateway.services import Tansu, free_port
+from gateway.settings import KafkaSettings, Settings, TopicSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tansu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tansu]:
+    """A real Tansu broker on a free loopback port, stopped by PID at the end."""
+    broker = Tansu(free_port(), tmp_path_factory.mktemp("tansu") / "tansu.log")
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+def make_settings(bootstrap: str, **overrides: Any) -> Settings:
+    """Settings for one test: unique topics and group, fast timings."""
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    topics = TopicSettings(
+        jobs=f"{prefix}.jobs",
+        results=f"{prefix}.results",
+        status=f"{prefix}.status",
+        control=f"{prefix}.control",
+        retry=f"{prefix}.retry",
+        deferred=f"{prefix}.deferred",
+        dlq=f"{prefix}.dlq",
+    )
+    kafka = KafkaSettings(
+        bootstrap_servers=bootstrap,
+        group_id=f"{prefix}-group",
+        fetch_max_wait_ms=50,
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=500,
+        commit_interval_ms=200,
+        partitions=overrides.pop("partitions", 4),
+    )
+    values: dict[str, Any] = {
+        "kafka": kafka,
+        "topics": topics,
+        "tenants_dir": ROOT / "tenants",
+        "policies_dir": ROOT / "policies",
+        "shutdown_grace_s": 5.0,
+        "retry": {"base_s": 0.2, "factor": 2.0, "cap_s": 2.0, "jitter": 0.5, "max_attempts": 3},
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The GATEWAY_* environment that reproduces `settings` in a subprocess."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    kafka, topics = settings.kafka, settings.topics
+    env.update(
+        {
+            "GATEWAY_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+            "GATEWAY_KAFKA__GROUP_ID": kafka.group_id,
+            "GATEWAY_KAFKA__FETCH_MAX_WAIT_MS": str(kafka.fetch_max_wait_ms),
+            "GATEWAY_KAFKA__SESSION_TIMEOUT_MS": str(kafka.session_timeout_ms),
+            "GATEWAY_KAFKA__HEARTBEAT_INTERVAL_MS": str(kafka.heartbeat_interval_ms),
+            "GATEWAY_KAFKA__COMMIT_INTERVAL_MS": str(kafka.commit_interval_ms),
+            "GATEWAY_KAFKA__PARTITIONS": str(kafka.partitions),
+            "GATEWAY_TENANTS_DIR": str(settings.tenants_dir),
+            "GATEWAY_POLICIES_DIR": str(settings.policies_dir),
+            "GATEWAY_SHUTDOWN_GRACE_S": str(settings.shutdown_grace_s),
+            "GATEWAY_MAX_INFLIGHT": str(settings.max_inflight),
+            "GATEWAY_LOG_FORMAT": "json",
+            "GATEWAY_HTTP__ENABLED": "false",
+            "GATEWAY_RETRY__BASE_S": str(settings.retry.base_s),
+            "GATEWAY_RETRY__CAP_S": str(settings.retry.cap_s),
+            "GATEWAY_RETRY__MAX_ATTEMPTS": str(settings.retry.max_attempts),
+        }
+    )
+    for name in ("jobs", "results", "status", "control", "retry", "deferred", "dlq"):
+        env[f"GATEWAY_TOPICS__{name.upper()}"] = getattr(topics, name)
+    return env
+
+
+@pytest.fixture
+async def settings(tansu: Tansu) -> Settings:
+    """Per-test settings with the topics already created."""
+    made = make_settings(tansu.bootstrap)
+    await ensure_topics(made.kafka, made.topics)
+    return made
+
+
+@dataclass
+class JobClient:
+    """Produces jobs and reads every output topic, as a user of the contract would."""
+
+    settings: Settings
+    producer: AIOKafkaProducer
+
+    async def send(
+        self,
+        tenant: str | None,
+        body: dict[str, Any] | bytes | None,
+        *,
+        headers: list[tuple[str, bytes]] | None = None,
+        key: bytes | None = None,
+    ) -> None:
+        """Produce one record to `jobs`."""
+        value = body if isinstance(body, bytes | None) else json.dumps(body).encode()
+        all_headers = list(headers or [])
+        if tenant is not None:
+            all_headers.insert(0, ("tenant", tenant.encode()))
+        await self.producer.send(self.settings.topics.jobs, value, key=key, headers=all_headers)
+
+    async def job(self, tenant: str, job_id: str, job_type: str, **payload: Any) -> None:
+        """Produce a well-formed job."""
+        body = {"id": job_id, "type": job_type, "payload": payload}
+        await self.send(tenant, body, key=job_id.encode())
+
+    async def flush(self) -> None:
+        """Wait until everything sent is acknowledged."""
+        await self.producer.flush()
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[JobClient]:
+    """A producer-side client bound to the test's topics."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka.bootstrap_servers, linger_ms=2, max_request_size=4 << 20
+    )
+    await producer.start()
+    try:
+        yield JobClient(settings, producer)
+    finally:
+        await producer.stop()
+
+
+async def read_topic(
+    settings: Settings,
+    topic: str,
+    *,
+    until: int | None = None,
+    timeout_s: float = 60.0,
+    settle_s: float = 0.0,
+) -> list[Any]:
+    """Every record of a topic from the start, waiting until `until` records (bounded)."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=50,
+    )
+    await consumer.start()
+    try:
+        await consumer.topics()
+        parts = consumer.partitions_for_topic(topic) or set()
+        consumer.assign([TopicPartition(topic, p) for p in parts])
+        records: list[Any] = []
+        deadline = time.monotonic() + timeout_s
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=200)
+            fresh = [r for rs in batches.values() for r in rs]
+            records.extend(fresh)
+            if fresh:
+                quiet_since = time.monotonic()
+            if until is not None and len(records) >= until:
+                if time.monotonic() - quiet_since >= settle_s:
+                    break
+            elif until is None and time.monotonic() - quiet_since > max(settle_s, 1.0):
+                break
+        return records
+    finally:
+        await consumer.stop()
+
+
+def results_by_id(records: list[Any]) -> dict[str, list[dict[str, Any]]]:
+    """Result bodies grouped by job id."""
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        body = json.loads(record.value)
+        grouped.setdefault(body["id"], []).append(body)
+    return grouped
+
+
+async def committed_offsets(settings: Settings, topic: str) -> dict[int, int | None]:
+    """The group's committed offset per partition, read with consumer.committed()."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        group_id=settings.kafka.group_id,
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        await consumer.topics()
+        parts = sorted(consumer.partitions_for_topic(topic) or set())
+        return {p: await consumer.committed(TopicPartition(topic, p)) for p in parts}
+    finally:
+        await consumer.stop()
+
+
+class GatewayProcess:
+    """`python -m gateway run` as a real subprocess with its own log file."""
+
+    def __init__(self, settings: Settings, log_path: Path, **env: str) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        self.env = {**settings_env(settings), **env}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "run"],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+        log.close()
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        lines = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                lines.append(json.loads(line))
+            except ValueError:
+                lines.append({"raw": line})
+        return lines
+
+
+@pytest.fixture
+def gateway_process(tmp_path: Path) -> Iterator[Any]:
+    """Factory for gateway subprocesses; every one is killed at the end of the test."""
+    started: list[GatewayProcess] = []
+
+    def make(settings: Settings, name: str = "gw", **env: str) -> GatewayProcess:
+        process = GatewayProcess(settings, tmp_path / f"{name}-{len(started)}.log", **env)
+        started.append(process)
+        return process
+
+    yield make
+    for process in started:
+        process.kill()
+
+
+async def wait_for(predicate: Any, timeout_s: float, interval_s: float = 0.1) -> None:
+    """Poll an async or sync predicate until true, or fail the test."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return
+        await asyncio.sleep(interval_s)
+    pytest.fail(f"condition not met within {timeout_s}s")
