@@ -100,7 +100,7 @@ def test_bad_tenant_file_is_named(
 def test_duplicate_key_hash_across_tenants(dirs: tuple[Path, Path]) -> None:
     tenants, policies = dirs
     (tenants / "beta.toml").write_text(GOOD.format(id="beta", hash=hash_api_key("a")))
-    with pytest.raises(CatalogError, match="also used by alpha.toml") as caught:
+    with pytest.raises(CatalogError, match=r"also used by alpha\.toml") as caught:
         load_catalog(tenants, policies)
     assert caught.value.field == "api_keys_sha256"
 

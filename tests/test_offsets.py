@@ -78,6 +78,6 @@ def test_random_completion_orders(case: tuple[list[int], list[int]]) -> None:
     assert tracker.in_flight() == 0
     final = tracker.due_commits().get("p")
     last_committed = final if final is not None else None
-    part_point = tracker._partitions["p"].commit_point()  # noqa: SLF001  # check the final state
+    part_point = tracker._partitions["p"].commit_point()  # check the final state
     assert part_point == offsets[-1] + 1
     assert last_committed in (None, offsets[-1] + 1)

@@ -1,0 +1,187 @@
+"""Crash, rebalance, restart and shutdown with real gateway processes on a real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from conftest import JobClient, read_topic, results_by_id, wait_for
+from gateway.settings import Settings
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+async def result_ids(settings: Settings) -> Counter[str]:
+    records = await read_topic(settings, settings.topics.results, timeout_s=3.0)
+    return Counter(json.loads(r.value)["id"] for r in records)
+
+
+async def wait_all_results(settings: Settings, ids: set[str], timeout_s: float) -> Counter[str]:
+    deadline = time.monotonic() + timeout_s
+    seen: Counter[str] = Counter()
+    while time.monotonic() < deadline:
+        seen = await result_ids(settings)
+        if ids <= set(seen):
+            return seen
+        await asyncio.sleep(0.5)
+    missing = ids - set(seen)
+    pytest.fail(f"{len(missing)} jobs without a result, e.g. {sorted(missing)[:5]}")
+
+
+async def test_sigkill_mid_run_loses_nothing(
+    settings: Settings, client: JobClient, gateway_process: Any
+) -> None:
+    inflight_bound = 64
+    run_settings = settings.model_copy(update={"max_inflight": inflight_bound})
+    first = gateway_process(run_settings, "first")
+    first.start()
+    ids = {f"c{n}" for n in range(3000)}
+    for n in range(3000):
+        await client.job("initech" if n % 2 else "acme", f"c{n}", "sleep", seconds=0.005)
+    await client.flush()
+    # Kill at a random point once work is flowing.
+    await wait_for(lambda: _progress(run_settings, 200), 60)
+    await asyncio.sleep(random.uniform(0.0, 1.5))
+    first.signal(signal.SIGKILL)
+    first.wait(10)
+    second = gateway_process(run_settings, "second")
+    second.start()
+    seen = await wait_all_results(run_settings, ids, 120)
+    duplicates = sum(count - 1 for count in seen.values() if count > 1)
+    print(f"crash test: {len(ids)} jobs, {duplicates} duplicate results")
+    # Duplicates come only from work in flight at the crash, whose commits were behind.
+    assert duplicates <= inflight_bound + run_settings.kafka.max_poll_records
+    second.signal(signal.SIGTERM)
+    assert second.wait(30) == 0
+
+
+async def _progress(settings: Settings, count: int) -> bool:
+    records = await read_topic(settings, settings.topics.results, timeout_s=1.0)
+    return len(records) >= count
+
+
+async def test_rebalance_when_a_replica_stops(
+    settings: Settings, client: JobClient, gateway_process: Any
+) -> None:
+    one = gateway_process(settings, "one")
+    two = gateway_process(settings, "two")
+    one.start()
+    two.start()
+    ids = {f"r{n}" for n in range(800)}
+    for n in range(800):
+        await client.job("acme" if n % 2 else "initech", f"r{n}", "sleep", seconds=0.01)
+    await client.flush()
+    await wait_for(lambda: _progress(settings, 100), 60)
+    two.signal(signal.SIGTERM)
+    assert two.wait(40) == 0
+    seen = await wait_all_results(settings, ids, 120)
+    assert ids <= set(seen)
+    one.signal(signal.SIGTERM)
+    assert one.wait(30) == 0
+
+
+async def test_retry_delay_survives_a_restart(
+    settings: Settings, client: JobClient, gateway_process: Any
+) -> None:
+    slow_retry = settings.model_copy(
+        update={
+            "retry": settings.retry.model_copy(update={"base_s": 4.0, "jitter": 0.0, "cap_s": 4.0})
+        }
+    )
+    first = gateway_process(slow_retry, "first")
+    first.start()
+    await client.job("acme", "flaky", "fail", retryable=True, succeed_on_attempt=2)
+    await client.flush()
+    retries = await read_topic(slow_retry, slow_retry.topics.retry, until=1, timeout_s=60)
+    not_before = int(dict(retries[0].headers)["not-before"])
+    assert dict(retries[0].headers)["attempt"] == b"2"
+    first.signal(signal.SIGTERM)
+    assert first.wait(30) == 0
+    second = gateway_process(slow_retry, "second")
+    second.start()
+    results = await read_topic(slow_retry, slow_retry.topics.results, until=1, timeout_s=60)
+    body = json.loads(results[0].value)
+    assert (body["id"], body["status"], body["attempts"]) == ("flaky", "succeeded", 2)
+    assert results[0].timestamp >= not_before - 50  # never ran before its not-before
+    second.signal(signal.SIGTERM)
+    assert second.wait(30) == 0
+
+
+async def test_retries_exhausted_go_to_dlq(
+    settings: Settings, client: JobClient, gateway_process: Any
+) -> None:
+    process = gateway_process(settings)
+    process.start()
+    await client.send(
+        "acme", {"id": "doomed", "type": "fail", "payload": {"retryable": True}, "max_attempts": 2}
+    )
+    await client.flush()
+    results = results_by_id(
+        await read_topic(settings, settings.topics.results, until=1, timeout_s=60)
+    )
+    assert results["doomed"][0]["status"] == "failed"
+    assert results["doomed"][0]["attempts"] == 2
+    dlq = await read_topic(settings, settings.topics.dlq, until=1, timeout_s=30)
+    reasons = {dict(r.headers)["dlq-reason"] for r in dlq}
+    assert reasons == {b"max_attempts_exceeded"}
+    process.signal(signal.SIGTERM)
+    assert process.wait(30) == 0
+
+
+async def test_deadline_expiry_is_timed_out(
+    settings: Settings, client: JobClient, gateway_process: Any
+) -> None:
+    process = gateway_process(settings)
+    process.start()
+    await client.send(
+        "acme",
+        {
+            "id": "slow",
+            "type": "sleep",
+            "payload": {"seconds": 30},
+            "deadline_s": 0.5,
+            "max_attempts": 1,
+        },
+    )
+    await client.flush()
+    started = time.monotonic()
+    results = await read_topic(settings, settings.topics.results, until=1, timeout_s=60)
+    body = json.loads(results[0].value)
+    assert body["status"] == "timed_out"
+    assert body["error"]["code"] == "deadline_exceeded"
+    assert body["duration_ms"] < 5000
+    assert time.monotonic() - started < 30
+    process.signal(signal.SIGTERM)
+    assert process.wait(30) == 0
+
+
+async def test_sigterm_with_long_jobs_exits_within_grace_and_loses_nothing(
+    settings: Settings, client: JobClient, gateway_process: Any
+) -> None:
+    grace = settings.model_copy(update={"shutdown_grace_s": 2.0})
+    first = gateway_process(grace, "first")
+    first.start()
+    ids = {f"long{n}" for n in range(10)}
+    for n in range(10):
+        await client.job("acme", f"long{n}", "sleep", seconds=8)
+    await client.flush()
+    statuses = await read_topic(grace, grace.topics.status, until=10, timeout_s=60)
+    assert len({json.loads(r.value)["id"] for r in statuses}) == 10  # all running
+    stopped_at = time.monotonic()
+    first.signal(signal.SIGTERM)
+    assert first.wait(30) == 0
+    assert time.monotonic() - stopped_at < 2.0 + 8.0
+    assert not await result_ids(grace), "cancelled jobs must not be reported as finished"
+    second = gateway_process(grace, "second")
+    second.start()
+    seen = await wait_all_results(grace, ids, 90)
+    assert all(seen[i] == 1 for i in ids)
+    second.signal(signal.SIGTERM)
+    assert second.wait(30) == 0
