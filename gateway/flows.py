@@ -9,6 +9,7 @@ flow's Rookery delivers into an Outcome.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import importlib
 import logging
@@ -317,8 +318,9 @@ async def run_job(
 ) -> Outcome:
     """Run one attempt of a job in its own flow, bounded by its deadline.
 
-    Returns a cancelled outcome when `cancel` is set first. Cancelling the calling
-    task (shutdown) stops the flow and propagates the CancelledError.
+    To cancel a job on request, set `cancel` and then cancel the task running this
+    coroutine: it returns a cancelled outcome. A task cancellation without `cancel`
+    set (shutdown, rebalance) stops the flow and propagates the CancelledError.
     """
     try:
         graph = factory(ctx)
@@ -326,40 +328,43 @@ async def run_job(
         flow = create(*graph, emit_errors_to_rookery=True, middlewares=list(middlewares))
     except Exception as exc:  # noqa: BLE001  # a user factory may raise anything; the job fails
         return _error_outcome(exc, "flow factory failed")
+    if cancel.is_set():
+        return _CANCELLED
     message = Message(
         payload=dict(ctx.payload),
         headers=Headers(tenant=ctx.tenant),
         trace_id=ctx.trace_id,
         deadline_s=ctx.deadline_at,
     )
+    loop = asyncio.get_running_loop()
     flow.run()
-    waiter: asyncio.Task[Any] | None = None
-    cancel_wait: asyncio.Task[bool] | None = None
     try:
-        remaining = ctx.deadline_at - time.time()
-        await asyncio.wait_for(flow.emit(message), timeout=max(0.0, remaining))
-        waiter = asyncio.ensure_future(flow.fetch())
-        cancel_wait = asyncio.ensure_future(cancel.wait())
-        remaining = ctx.deadline_at - time.time()
-        done, _ = await asyncio.wait(
-            {waiter, cancel_wait}, timeout=max(0.0, remaining), return_when=asyncio.FIRST_COMPLETED
-        )
-        if waiter in done:
-            return _interpret(waiter.result(), ctx.tenant)
-        await flow.cancel(ctx.trace_id)
-        if cancel_wait in done:
-            return Outcome(Status.CANCELLED, None, "cancelled", "cancelled on request", False)
-        return Outcome(Status.TIMED_OUT, None, "deadline_exceeded", "job deadline exceeded", True)
+        # One timer on the loop, no helper tasks: this path runs for every job.
+        async with asyncio.timeout_at(loop.time() + (ctx.deadline_at - time.time())):
+            await flow.emit(message)
+            item = await flow.fetch()
+        return _interpret(item, ctx.tenant)
     except TimeoutError:
-        return Outcome(Status.TIMED_OUT, None, "deadline_exceeded", "job deadline exceeded", True)
+        await _cancel_trace(flow, ctx.trace_id)
+        return _TIMED_OUT
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if cancel.is_set() and task is not None and task.uncancel() == 0:
+            await _cancel_trace(flow, ctx.trace_id)
+            return _CANCELLED
+        raise
     finally:
-        for task in (waiter, cancel_wait):
-            if task is not None and not task.done():
-                task.cancel()
-        pending = [t for t in (waiter, cancel_wait) if t is not None]
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
         await _stop(flow)
+
+
+_CANCELLED = Outcome(Status.CANCELLED, None, "cancelled", "cancelled on request", False)
+_TIMED_OUT = Outcome(Status.TIMED_OUT, None, "deadline_exceeded", "job deadline exceeded", True)
+
+
+async def _cancel_trace(flow: Any, trace_id: str) -> None:
+    # Drops the trace's queued messages and cancels its running node invocation.
+    with contextlib.suppress(RuntimeError):
+        await asyncio.wait_for(flow.cancel(trace_id), timeout=_STOP_TIMEOUT_S)
 
 
 async def _stop(flow: Any) -> None:

@@ -85,6 +85,7 @@ class Pools:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._share = 1.0
+        self.completed = 0
 
     # -- admission -----------------------------------------------------------
 
@@ -242,6 +243,7 @@ class Pools:
             duration_ms=round((finished - started) * 1000, 3),
             error=outcome.error_code,
         )
+        self.completed += 1
         self._finish(entry)
 
     async def _run(self, entry: Entry, tenant: Tenant | None, started: float) -> Outcome:

@@ -8,11 +8,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from conftest import JobClient, committed_offsets, read_topic, results_by_id, wait_for
 
 from gateway.catalog import load_catalog
 from gateway.service import Gateway
 from gateway.settings import Settings
+
+from conftest import JobClient, committed_offsets, read_topic, results_by_id, wait_for
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent

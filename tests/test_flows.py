@@ -82,6 +82,7 @@ async def test_cancel_event_cancels_a_running_sleep() -> None:
     task = asyncio.create_task(run_job(ctx("sleep", {"seconds": 30}), factory, cancel=cancel))
     await asyncio.sleep(0.2)
     cancel.set()
+    task.cancel()
     outcome = await asyncio.wait_for(task, 5)
     assert outcome.status == Status.CANCELLED
 

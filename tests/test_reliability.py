@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from conftest import JobClient, read_topic, results_by_id, wait_for
 from gateway.settings import Settings
+
+from conftest import JobClient, read_topic, results_by_id, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
