@@ -32,10 +32,10 @@ lint: $(DEV_STAMP)
 	$(BIN)/mypy gateway
 
 bench: $(DEV_STAMP)
-	$(BIN)/python -m bench.run --mode full
+	$(BIN)/python -m bench.intake
 
 bench-quick: $(DEV_STAMP)
-	$(BIN)/python -m bench.run --mode quick
+	$(BIN)/python -m bench.intake --jobs 2000 --sleep-jobs 2000
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -151,7 +151,9 @@ class Intake:
         max_buffered = self._settings.max_buffered
         while True:
             try:
-                batches = await consumer.getmany(timeout_ms=1000)
+                # Short while paused: the resume check below must run soon after
+                # running jobs drain the backlog.
+                batches = await consumer.getmany(timeout_ms=50 if self._paused else 500)
             except KafkaError as exc:
                 log.warning("fetch_failed", extra={"error": type(exc).__name__})
                 await asyncio.sleep(0.5)
