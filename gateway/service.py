@@ -18,6 +18,7 @@ from gateway.history import TerminalHistory
 from gateway.intake import Intake
 from gateway.pools import Entry, Pools
 from gateway.publisher import Publisher
+from gateway.reload import CatalogReloader
 from gateway.settings import KafkaSettings, Settings, TopicSettings
 from gateway.statusview import StatusView
 
@@ -79,6 +80,9 @@ class Gateway:
             fatal=self.fail,
         )
         self.intake.on_assignment(self._update_share)
+        self.reloader = CatalogReloader(
+            settings.tenants_dir, settings.policies_dir, self.apply_catalog, settings.catalog_poll_s
+        )
         self._stopped = asyncio.Event()
         self._stopping = False
         self.exit_code = 0
@@ -86,6 +90,11 @@ class Gateway:
     def catalog(self) -> Catalog:
         """The catalog in force now."""
         return self._catalog
+
+    def apply_catalog(self, catalog: Catalog) -> None:
+        """Swap the catalog: new limits for new admissions; removed tenants' jobs are DLQ'd."""
+        self._catalog = catalog
+        self.pools.apply_catalog(catalog)
 
     def _finish(self, entry: Entry) -> None:
         self.intake.finish_entry(entry)
@@ -116,6 +125,7 @@ class Gateway:
             await asyncio.wait_for(self.status_view.caught_up.wait(), _STATUS_CATCH_UP_S)
         await self.pools.start()
         await self.intake.start()
+        await self.reloader.start()
         log.info(
             "gateway_started",
             extra={"replica": self.settings.replica, "tenants": len(self._catalog)},
@@ -139,6 +149,7 @@ class Gateway:
             return
         self._stopping = True
         self._stopped.set()
+        await self.reloader.stop()
         await self.intake.stop_fetching()
         await self.pools.stop(self.settings.shutdown_grace_s)
         await self.intake.drain_side_tasks(self.settings.kafka.produce_timeout_s)
@@ -167,6 +178,7 @@ async def run_gateway(settings: Settings) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    loop.add_signal_handler(signal.SIGHUP, gateway.reloader.reload)
     try:
         await gateway.start()
         await gateway.wait()
@@ -175,6 +187,6 @@ async def run_gateway(settings: Settings) -> int:
         gateway.exit_code = 1
     finally:
         await gateway.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     return gateway.exit_code

@@ -141,6 +141,8 @@ class Settings(BaseSettings):
     replica: str = Field(default_factory=_default_replica)
     log_format: str = Field(default="auto", pattern="^(auto|json|plain)$")
     log_level: str = "INFO"
+    # How often tenants/ and quotas.toml are checked for changes (0: only on SIGHUP).
+    catalog_poll_s: float = Field(default=2.0, ge=0)
     # Terminal job ids remembered to skip redelivered work (idempotency).
     history_size: int = Field(default=200_000, ge=1)
 
