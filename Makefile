@@ -12,8 +12,7 @@ $(STAMP): requirements/runtime.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# --no-deps: the pinned lean closure, not penguiflow's 1 GB of declared extras.
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements/runtime.txt
-	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e . || \
-		$(BIN)/python -m pip install --quiet --no-deps -e .
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $@
 
 $(DEV_STAMP): $(STAMP) requirements/dev.txt

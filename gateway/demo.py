@@ -133,7 +133,10 @@ async def run_demo(
     console = Console()
     catalog = load_catalog(settings.tenants_dir, settings.policies_dir)
     with local_services(log_dir) as services:
-        console.print(f"tansu on {services.tansu.bootstrap}, logs in {log_dir}")
+        vault_addr = services.openbao.addr if services.openbao is not None else "-"
+        console.print(
+            f"tansu on {services.tansu.bootstrap}, openbao on {vault_addr}, logs in {log_dir}"
+        )
         kafka = settings.kafka.model_copy(
             update={
                 "bootstrap_servers": services.tansu.bootstrap,

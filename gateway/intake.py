@@ -197,6 +197,8 @@ class Intake:
             self._reject(parsed, ticket)
             return
         entry = Entry(job=parsed, ticket=ticket, partition=tp)
+        if record.topic == self._settings.topics.deferred:
+            self._pools.deferred_returned(parsed.tenant)
         not_before = parsed.not_before_ms
         if (
             not_before is not None
@@ -257,7 +259,7 @@ class Intake:
                 self._reject(parsed, entry.ticket)
                 return
         now = time.time()
-        delay = self._pools.overflow_delay_s(job.tenant)
+        delay = self._pools.defer_delay_s(job.tenant)
         records = [
             delayed_record(
                 topics.deferred, job, attempt=job.attempt, not_before_ms=int((now + delay) * 1000)

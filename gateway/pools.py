@@ -118,12 +118,22 @@ class Pools:
         self._share = max(0.0, min(1.0, share)) or 1.0
         self.apply_catalog(self._catalog())
 
-    def overflow_delay_s(self, tenant_id: str) -> float:
-        """How long a deferred job should wait: the time to drain its tenant's buffer."""
+    def defer_delay_s(self, tenant_id: str) -> float:
+        """Book one more deferral and return its delay: the time to work off everything
+        of the tenant that is buffered or already deferred, at its rate, so deferred
+        records come back spread out instead of bouncing off a full buffer."""
         queue = self.scheduler.tenant(tenant_id)
         if queue is None:
             return 1.0
-        return max(0.05, len(queue.items) / queue.bucket.rate)
+        queue.deferred += 1
+        backlog = len(queue.items) + queue.deferred
+        return max(0.05, backlog / queue.bucket.rate)
+
+    def deferred_returned(self, tenant_id: str) -> None:
+        """A deferred record of the tenant came back from `jobs.deferred`."""
+        queue = self.scheduler.tenant(tenant_id)
+        if queue is not None and queue.deferred > 0:
+            queue.deferred -= 1
 
     # -- lifecycle -----------------------------------------------------------
 

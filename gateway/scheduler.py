@@ -44,6 +44,7 @@ class TenantQueue(Generic[T]):
     passed: float = 0.0
     started: int = 0
     throttled: int = 0
+    deferred: int = 0
 
 
 class FairScheduler(Generic[T]):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,16 +14,16 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _service_children() -> list[str]:
-    return [
-        " ".join(p.info["cmdline"] or [])
-        for p in psutil.process_iter(["cmdline"])
-        if any(name in " ".join(p.info["cmdline"] or []) for name in ("tansu broker", "bao server"))
-    ]
+def _processes_mentioning(needles: list[str]) -> list[str]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        line = " ".join(process.info["cmdline"] or [])
+        if any(needle in line for needle in needles):
+            found.append(line)
+    return found
 
 
 def test_demo_runs_and_cleans_up(tmp_path: Path) -> None:
-    before = set(_service_children())
     done = subprocess.run(
         [
             sys.executable,
@@ -47,4 +48,8 @@ def test_demo_runs_and_cleans_up(tmp_path: Path) -> None:
     assert "unknown_tenant=1" in done.stdout
     for tenant in ("acme", "globex", "initech"):
         assert tenant in done.stdout
-    assert set(_service_children()) <= before, "demo left Tansu or OpenBao running"
+    ports = re.search(
+        r"tansu on (127\.0\.0\.1:\d+), openbao on http://(127\.0\.0\.1:\d+)", done.stdout
+    )
+    assert ports is not None, done.stdout[:500]
+    assert not _processes_mentioning([f"tcp://{ports[1]}", ports[2]]), "demo left a service running"
