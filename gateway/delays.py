@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from gateway.tasks import cancel_and_wait
+
 __all__ = ["DelayQueue"]
 
 T = TypeVar("T")
@@ -51,10 +53,7 @@ class DelayQueue(Generic[T]):
     async def stop(self) -> list[T]:
         """Stop the timer; returns what was still held (it was not finished)."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         held = [entry[2] for entry in self._heap]
         self._heap.clear()
         return held

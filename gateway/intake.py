@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Hashable
@@ -26,6 +25,7 @@ from gateway.pools import Entry, Pools
 from gateway.publisher import Publisher
 from gateway.records import OutRecord, Status, delayed_record, status_record
 from gateway.settings import Settings
+from gateway.tasks import cancel_and_wait
 
 __all__ = ["Intake"]
 
@@ -119,10 +119,7 @@ class Intake:
         for attr in ("_loop_task", "_commit_task"):
             task = getattr(self, attr)
             setattr(self, attr, None)
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancel_and_wait(task)
         await self._delays.stop()
 
     async def drain_side_tasks(self, timeout_s: float) -> None:

@@ -22,6 +22,7 @@ from gateway.records import Status, status_record
 from gateway.scheduler import FairScheduler, TenantLimits
 from gateway.settings import Settings
 from gateway.statusview import JobStatus, StatusView
+from gateway.tasks import cancel_and_wait
 
 __all__ = ["Entry", "Pools", "limits_for"]
 
@@ -146,10 +147,7 @@ class Pools:
     async def stop(self, grace_s: float) -> None:
         """Stop starting jobs, let running ones finish within `grace_s`, cancel the rest."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         for entry in self.scheduler.remove(lambda _: True):
             self._by_key.pop(entry.job.key, None)
         await self._wait_or_cancel(list(self._running), grace_s)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from gateway.catalog import Catalog, load_catalog
 from gateway.errors import CatalogError
+from gateway.tasks import cancel_and_wait
 
 __all__ = ["CatalogReloader"]
 
@@ -67,10 +68,7 @@ class CatalogReloader:
     async def stop(self) -> None:
         """Stop polling; idempotent."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def _poll(self) -> None:
         while True:

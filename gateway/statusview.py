@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from cachetools import LRUCache
 from gateway.history import TerminalHistory
 from gateway.records import TERMINAL, Status
 from gateway.settings import KafkaSettings
+from gateway.tasks import cancel_and_wait
 
 __all__ = ["JobStatus", "StatusView"]
 
@@ -83,10 +83,7 @@ class StatusView:
     async def stop(self) -> None:
         """Stop reading; idempotent."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             await consumer.stop()
