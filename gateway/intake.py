@@ -73,7 +73,6 @@ class Intake:
         self._commit_task: asyncio.Task[None] | None = None
         self._assigned: set[TopicPartition] = set()
         self._paused = False
-        self.assigned_event = asyncio.Event()
         topics = settings.topics
         self._delayed_topics = {topics.retry, topics.deferred}
         self._on_assignment: Callable[[set[TopicPartition]], None] | None = None
@@ -344,5 +343,4 @@ class Intake:
             self._consumer.pause(*assigned)
         if self._on_assignment is not None:
             self._on_assignment(set(self._assigned))
-        self.assigned_event.set()
         log.info("partitions_assigned", extra={"partitions": sorted(map(str, self._assigned))})

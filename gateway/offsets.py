@@ -130,7 +130,3 @@ class OffsetTracker:
             owner = self._partitions.get(partition)
             if owner is not None:
                 owner.mark_committed(offset)
-
-    def partitions(self) -> list[Hashable]:
-        """Partitions currently tracked."""
-        return list(self._partitions)

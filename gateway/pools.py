@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from gateway.catalog import Catalog, Tenant
 from gateway.envelope import Job
 from gateway.errors import ProduceError
-from gateway.flows import JobContext, JobTypes, Outcome, SecretReader, run_job
+from gateway.flows import JobContext, JobTypes, Outcome, run_job
 from gateway.observability import flow_event_middleware, job_log
 from gateway.offsets import Ticket
 from gateway.outcomes import decide
@@ -53,9 +53,6 @@ def limits_for(tenant: Tenant, share: float = 1.0) -> TenantLimits:
     )
 
 
-SecretsFor = Callable[[Tenant], SecretReader | None]
-
-
 class Pools:
     """Buffers jobs per tenant, starts them fairly within quotas, and records outcomes."""
 
@@ -69,7 +66,6 @@ class Pools:
         status_view: StatusView,
         finish: Callable[[Entry], None],
         fatal: Callable[[BaseException], None],
-        secrets_for: SecretsFor | None = None,
     ) -> None:
         self._settings = settings
         self._catalog = catalog
@@ -78,7 +74,6 @@ class Pools:
         self._status = status_view
         self._finish = finish
         self._fatal = fatal
-        self._secrets_for = secrets_for
         self._rng = random.Random()  # noqa: S311  # backoff jitter, not a secret
         self.scheduler: FairScheduler[Entry] = FairScheduler(settings.max_inflight)
         self._by_key: dict[tuple[str, str], Entry] = {}
@@ -261,7 +256,6 @@ class Pools:
             reason = "unknown_type" if factory is None else "unknown_tenant"
             return Outcome(Status.FAILED, None, reason, "job can no longer run here")
         deadline = job.deadline_s or tenant.jobs.default_deadline_s
-        secrets = self._secrets_for(tenant) if self._secrets_for is not None else None
         ctx = JobContext(
             tenant=job.tenant,
             job_id=job.id,
@@ -270,7 +264,6 @@ class Pools:
             payload=job.payload,
             deadline_at=started + deadline,
             base_idempotency_key=job.idempotency_key,
-            **({"secrets": secrets} if secrets is not None else {}),
         )
         middleware = flow_event_middleware(job)
         return await run_job(ctx, factory, cancel=entry.cancel, middlewares=[middleware])

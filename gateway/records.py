@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from gateway.envelope import DlqReason, Job, Rejection, Source
+from gateway.envelope import DlqReason, Job, Source
 
 __all__ = [
     "TERMINAL",
@@ -132,8 +132,3 @@ def dlq_record(topic: str, source: Source, reason: DlqReason, detail: str) -> Ou
     ]
     key = None
     return OutRecord(topic, key, source.value, headers)
-
-
-def rejection_key(rejection: Rejection) -> bytes | None:
-    """Key for a rejected job's records: its id when known."""
-    return rejection.job_id.encode() if rejection.job_id else None

@@ -139,14 +139,3 @@ class FairScheduler(Generic[T]):
                 (removed if predicate(item) else keep).append(item)
             queue.items = keep
         return removed
-
-    def drop_tenant(self, tenant: str) -> list[T]:
-        """Forget a tenant removed from the catalog once it has nothing running."""
-        queue = self._tenants.get(tenant)
-        if queue is None:
-            return []
-        items = list(queue.items)
-        queue.items.clear()
-        if queue.running == 0:
-            del self._tenants[tenant]
-        return items
