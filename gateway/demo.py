@@ -47,13 +47,27 @@ class _Scoreboard:
 
     def table(self, gateway: Gateway) -> Table:
         table = Table(title=f"gateway demo: {time.monotonic() - self.started:5.1f}s")
-        for column in ("tenant", "sent", "done", "done/s", "running", "queued", "p50 ms", "p99 ms"):
+        columns = (
+            "tenant",
+            "sent",
+            "done",
+            "done/s",
+            "running",
+            "queued",
+            "throttled",
+            "p50 ms",
+            "p99 ms",
+        )
+        for column in columns:
             table.add_column(column, justify="right")
         table.add_column("outcomes")
-        pools = {t: (q, r) for t, q, r, _ in gateway.pools.snapshot()}
+        pools = {f.tenant: f for f in gateway.pools.snapshot()}
         elapsed = max(0.1, time.monotonic() - self.started)
         for tenant, stats in sorted(self.tenants.items()):
-            queued, running = pools.get(tenant, (0, 0))
+            figures = pools.get(tenant)
+            queued, running, throttled = (
+                (figures.queued, figures.running, figures.throttled) if figures else (0, 0, 0)
+            )
             done = sum(stats.done.values())
             outcomes = ", ".join(f"{k}={v}" for k, v in sorted(stats.done.items()))
             table.add_row(
@@ -63,6 +77,7 @@ class _Scoreboard:
                 f"{done / elapsed:.1f}",
                 str(running),
                 str(queued),
+                str(throttled),
                 f"{stats.percentile(0.5):.0f}",
                 f"{stats.percentile(0.99):.0f}",
                 outcomes,

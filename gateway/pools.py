@@ -24,7 +24,7 @@ from gateway.settings import Settings
 from gateway.statusview import JobStatus, StatusView
 from gateway.tasks import cancel_and_wait
 
-__all__ = ["Entry", "Pools", "limits_for"]
+__all__ = ["Entry", "PoolFigures", "Pools", "limits_for"]
 
 log = logging.getLogger("gateway.pools")
 
@@ -39,6 +39,19 @@ class Entry:
     followers: list[Ticket] = field(default_factory=list)
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PoolFigures:
+    """One tenant's pool at a moment: gauges (queued, running, deferred) and counters."""
+
+    tenant: str
+    queued: int
+    running: int
+    deferred: int
+    started: int
+    throttled: int
+    completed: int
 
 
 def limits_for(tenant: Tenant, share: float = 1.0) -> TenantLimits:
@@ -268,7 +281,15 @@ class Pools:
         middleware = flow_event_middleware(job)
         return await run_job(ctx, factory, cancel=entry.cancel, middlewares=[middleware])
 
-    def snapshot(self) -> Iterable[tuple[str, int, int, int]]:
-        """(tenant, queued, running, started) for every pool."""
+    def snapshot(self) -> Iterable[PoolFigures]:
+        """Per-tenant figures for every pool this replica has seen."""
         for tenant_id, queue in self.scheduler.tenants():
-            yield tenant_id, len(queue.items), queue.running, queue.started
+            yield PoolFigures(
+                tenant=tenant_id,
+                queued=len(queue.items),
+                running=queue.running,
+                deferred=queue.deferred,
+                started=queue.started,
+                throttled=queue.throttled,
+                completed=queue.completed,
+            )

@@ -43,8 +43,11 @@ class TenantQueue(Generic[T]):
     running: int = 0
     passed: float = 0.0
     started: int = 0
+    # Job starts the token bucket held back at least once (rate-limited, not failed).
     throttled: int = 0
     deferred: int = 0
+    completed: int = 0
+    rate_blocked: bool = False
 
 
 class FairScheduler(Generic[T]):
@@ -100,6 +103,7 @@ class FairScheduler(Generic[T]):
             if not queue.items or queue.running >= queue.limits.max_concurrency:
                 continue
             if queue.bucket.available(now) < 1.0:
+                queue.rate_blocked = True
                 continue
             if best is None or queue.passed < best.passed:
                 best, best_id = queue, tenant_id
@@ -109,6 +113,9 @@ class FairScheduler(Generic[T]):
         item = best.items.popleft()
         best.running += 1
         best.started += 1
+        if best.rate_blocked:
+            best.throttled += 1
+            best.rate_blocked = False
         self.running += 1
         self._vtime = max(self._vtime, best.passed)
         best.passed += 1.0 / best.limits.weight
@@ -119,6 +126,7 @@ class FairScheduler(Generic[T]):
         queue = self._tenants.get(tenant)
         if queue is not None and queue.running > 0:
             queue.running -= 1
+            queue.completed += 1
         self.running = max(0, self.running - 1)
 
     def next_wakeup_s(self, now: float) -> float | None:

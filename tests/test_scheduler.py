@@ -141,3 +141,19 @@ def test_full_buffer_overflows() -> None:
     assert scheduler.push("t", 1)
     assert scheduler.push("t", 2)
     assert not scheduler.push("t", 3)
+
+
+def test_throttled_counts_starts_the_bucket_held_back() -> None:
+    scheduler: FairScheduler[int] = FairScheduler(total_slots=100)
+    scheduler.configure("a", limits(rate_per_s=10, burst=2), now=0.0)
+    for item in range(4):
+        scheduler.push("a", item)
+    assert scheduler.pop(0.0) is not None
+    assert scheduler.pop(0.0) is not None
+    assert scheduler.pop(0.0) is None  # bucket empty: held back
+    assert scheduler.pop(0.1) is not None  # one token later
+    queue = scheduler.tenant("a")
+    assert queue is not None
+    assert (queue.started, queue.throttled) == (3, 1)
+    scheduler.release("a")
+    assert (queue.running, queue.completed) == (2, 1)
