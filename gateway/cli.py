@@ -94,6 +94,55 @@ def tenants_new_key(tenant: str) -> None:
 
 
 @main.group()
+def vault() -> None:
+    """Vault policies, token roles and demo secrets for the catalog."""
+
+
+@vault.command("bootstrap")
+@click.option(
+    "--token",
+    envvar=["GATEWAY_VAULT__TOKEN", "VAULT_TOKEN", "BAO_TOKEN"],
+    help="an administrator's token (env GATEWAY_VAULT__TOKEN, VAULT_TOKEN or BAO_TOKEN)",
+)
+@click.option("--seed-demo", is_flag=True, help="write example secrets where none exist")
+@click.option("--approle", is_flag=True, help="set up AppRole login for the gateway")
+def vault_bootstrap(token: str | None, seed_demo: bool, approle: bool) -> None:
+    """Apply per-tenant policies and token roles (and the gateway's policy); idempotent."""
+    import hvac
+    import requests
+
+    from gateway.vault_bootstrap import bootstrap
+
+    settings = _settings()
+    if not token:
+        raise click.ClickException("an administrator's Vault token is needed (--token)")
+    try:
+        catalog = load_catalog(settings.tenants_dir, settings.policies_dir)
+        client = hvac.Client(url=settings.vault.addr, token=token, timeout=10)
+        report = bootstrap(
+            client,
+            catalog,
+            settings=settings.vault,
+            policies_dir=settings.policies_dir,
+            seed_demo=seed_demo,
+            approle=approle,
+        )
+    except (CatalogError, ConfigError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except requests.exceptions.RequestException as exc:
+        problem = f"Vault at {settings.vault.addr} is unreachable ({type(exc).__name__})"
+        raise click.ClickException(problem) from None
+    except hvac.exceptions.VaultError as exc:
+        raise click.ClickException(f"Vault refused: {type(exc).__name__}") from None
+    for line in report.lines():
+        click.echo(line)
+    if report.approle is not None:
+        click.echo(f"export GATEWAY_VAULT__ROLE_ID={report.approle.role_id}")
+        click.echo(f"export GATEWAY_VAULT__SECRET_ID={report.approle.secret_id}")
+    click.echo(f"ok: {len(catalog)} tenants bootstrapped in {settings.vault.addr}")
+
+
+@main.group()
 def dev() -> None:
     """Local development services."""
 
@@ -103,23 +152,32 @@ def dev() -> None:
 def dev_up(log_dir: Path) -> None:
     """Start Tansu and OpenBao, print GATEWAY_* exports, stop them on Ctrl-C."""
     from gateway.services import local_services
+    from gateway.vault_bootstrap import bootstrap_local
 
+    settings = _settings()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
+        catalog = load_catalog(settings.tenants_dir, settings.policies_dir)
         with local_services(log_dir) as services:
             assert services.openbao is not None
+            bao = services.openbao
+            vault = bootstrap_local(bao.addr, bao.root_token, catalog, settings).vault
+            assert vault.role_id is not None
+            assert vault.secret_id is not None
             click.echo(f"export GATEWAY_KAFKA__BOOTSTRAP_SERVERS={services.tansu.bootstrap}")
             click.echo("export GATEWAY_KAFKA__FETCH_MAX_WAIT_MS=50")
-            click.echo(f"export GATEWAY_VAULT__ADDR={services.openbao.addr}")
-            click.echo(f"export GATEWAY_VAULT__TOKEN={services.openbao.root_token}")
+            click.echo(f"export GATEWAY_VAULT__ADDR={bao.addr}")
+            click.echo(f"export GATEWAY_VAULT__ROLE_ID={vault.role_id}")
+            click.echo(f"export GATEWAY_VAULT__SECRET_ID={vault.secret_id.get_secret_value()}")
+            click.echo(f"# admin (root) token for `gateway vault bootstrap`: {bao.root_token}")
             click.echo(f"# logs in {log_dir}; Ctrl-C stops both services", err=True)
             try:
                 while not stop.wait(0.5):
                     pass
             except KeyboardInterrupt:
                 pass
-    except GatewayError as exc:
+    except (GatewayError, CatalogError) as exc:
         raise click.ClickException(str(exc)) from None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import time
 import uuid
@@ -12,15 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import hvac
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from gateway.catalog import load_catalog
+from gateway.catalog import Catalog, load_catalog
 from gateway.service import Gateway, ensure_topics
 from gateway.services import local_services
 from gateway.settings import Settings
+from gateway.vault_bootstrap import bootstrap_local
 
 __all__ = ["run_demo"]
 
@@ -44,6 +47,9 @@ class _Scoreboard:
     sent_at: dict[str, float] = field(default_factory=dict)
     dlq: Counter[str] = field(default_factory=Counter)
     started: float = field(default_factory=time.monotonic)
+    # (tenant, path) -> SHA-256 of the secret's api_key, read with the admin token.
+    expected_digests: dict[tuple[str, str], str] = field(default_factory=dict)
+    digests: Counter[str] = field(default_factory=Counter)
 
     def table(self, gateway: Gateway) -> Table:
         table = Table(title=f"gateway demo: {time.monotonic() - self.started:5.1f}s")
@@ -105,7 +111,12 @@ async def _produce(
 async def _workload(
     producer: AIOKafkaProducer, board: _Scoreboard, topic: str, duration: float
 ) -> None:
-    # The scripted moments: a retry that then succeeds, a poison record, and a noisy burst.
+    # The scripted moments: secrets injected per tenant, a retry that then succeeds,
+    # a poison record, and a noisy burst.
+    for tenant, path in board.expected_digests:
+        await _produce(
+            producer, board, topic, tenant, "secret_digest", {"path": path, "key": "api_key"}
+        )
     await _produce(
         producer, board, topic, "acme", "fail", {"retryable": True, "succeed_on_attempt": 2}
     )
@@ -134,6 +145,10 @@ async def _collect(consumer: AIOKafkaConsumer, board: _Scoreboard, results: str,
                     board.dlq[reason] += 1
                     continue
                 body = json.loads(record.value)
+                if body["type"] == "secret_digest" and body["status"] == "succeeded":
+                    result = body["result"]
+                    wanted = board.expected_digests.get((body["tenant"], result["path"]))
+                    board.digests["matched" if result["sha256"] == wanted else "wrong"] += 1
                 stats = board.tenants[body["tenant"]]
                 stats.done[body["status"]] += 1
                 sent = board.sent_at.pop(body["id"], None)
@@ -162,6 +177,12 @@ async def run_demo(
         demo_settings = settings.model_copy(
             update={"kafka": kafka, "retry": settings.retry.model_copy(update={"base_s": 0.5})}
         )
+        board = _Scoreboard()
+        if services.openbao is not None:
+            bao = services.openbao
+            demo_settings = bootstrap_local(bao.addr, bao.root_token, catalog, demo_settings)
+            board.expected_digests = _expected_digests(bao.addr, bao.root_token, catalog)
+            console.print(f"vault bootstrapped: {len(catalog)} tenants, gateway logs in by AppRole")
         await ensure_topics(kafka, demo_settings.topics)
         gateway = Gateway(demo_settings, catalog)
         await gateway.start()
@@ -175,7 +196,6 @@ async def run_demo(
         )
         await producer.start()
         await consumer.start()
-        board = _Scoreboard()
         collector = asyncio.create_task(
             _collect(consumer, board, demo_settings.topics.results, demo_settings.topics.dlq)
         )
@@ -209,7 +229,11 @@ async def run_demo(
             await producer.stop()
             await gateway.stop()
         console.print(board.table(gateway))
-        ok = not board.sent_at
+        ok = not board.sent_at and board.digests["matched"] == len(board.expected_digests)
+        console.print(
+            f"secrets: {board.digests['matched']}/{len(board.expected_digests)} digests matched"
+            f" what Vault holds, {board.digests['wrong']} wrong"
+        )
         console.print(
             "summary: "
             + (
@@ -219,3 +243,17 @@ async def run_demo(
             )
         )
         return ok
+
+
+def _expected_digests(addr: str, admin_token: str, catalog: Catalog) -> dict[tuple[str, str], str]:
+    """What each tenant's `secret_digest` job must return (digests only, never values)."""
+    client = hvac.Client(url=addr, token=admin_token, timeout=10)
+    digests = {}
+    for tenant in catalog:
+        for path in tenant.secret_paths:
+            secret = client.secrets.kv.v2.read_secret_version(
+                path=f"tenants/{tenant.id}/{path}", raise_on_deleted_version=True
+            )
+            value = secret["data"]["data"]["api_key"]
+            digests[(tenant.id, path)] = hashlib.sha256(value.encode()).hexdigest()
+    return digests

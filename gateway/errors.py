@@ -9,6 +9,9 @@ __all__ = [
     "JobError",
     "JobTimeout",
     "ProduceError",
+    "SecretForbidden",
+    "SecretNotFound",
+    "SecretsUnavailable",
     "ServiceError",
     "TenantViolation",
 ]
@@ -57,6 +60,9 @@ class JobError(GatewayError):
     """A job's own failure, raised by flows; `retryable` picks retry or final failure."""
 
     code = "job_error"
+    # False for failures that are not the job's fault (a Vault outage): the retry does
+    # not use up one of the job's attempts, so a long outage never fails the job.
+    counts_attempt = True
 
     def __init__(self, message: str, *, retryable: bool = True, code: str | None = None) -> None:
         super().__init__(message)
@@ -78,6 +84,40 @@ class TenantViolation(JobError):
     """A flow emitted a message for another tenant than the job's."""
 
     code = "tenant_violation"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False)
+
+
+class SecretsUnavailable(JobError):
+    """Vault could not be reached (or refused the gateway itself): retry, do not count."""
+
+    code = "secrets_unavailable"
+    counts_attempt = False
+
+    def __init__(
+        self,
+        message: str = "secrets are unavailable: Vault did not answer",
+        *,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message, retryable=True)
+        self.retry_after_s = retry_after_s
+
+
+class SecretForbidden(JobError):
+    """Vault refused the tenant's token for the requested path (or the path left the tenant)."""
+
+    code = "secret_forbidden"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False)
+
+
+class SecretNotFound(JobError):
+    """The tenant's secret path or key does not exist."""
+
+    code = "secret_not_found"
 
     def __init__(self, message: str) -> None:
         super().__init__(message, retryable=False)

@@ -208,6 +208,10 @@ class Outcome:
     error_code: str | None = None
     error_message: str | None = None
     retryable: bool = False
+    # False when the failure was not the job's (Vault outage): the retry keeps the attempt.
+    counts_attempt: bool = True
+    # A delay the failure itself suggests (e.g. how long Vault has been down), else backoff.
+    retry_after_s: float | None = None
 
     @property
     def error(self) -> tuple[str, str] | None:
@@ -279,7 +283,9 @@ def _plain(value: Any) -> Any:
 def _error_outcome(exc: BaseException | None, fallback: str) -> Outcome:
     if isinstance(exc, GatewayError):
         status = Status.TIMED_OUT if isinstance(exc, JobTimeout) else Status.FAILED
-        return Outcome(status, None, exc.code, str(exc)[:500], exc.retryable)
+        counts = getattr(exc, "counts_attempt", True)
+        after = getattr(exc, "retry_after_s", None)
+        return Outcome(status, None, exc.code, str(exc)[:500], exc.retryable, counts, after)
     if isinstance(exc, TimeoutError):
         return Outcome(Status.TIMED_OUT, None, "node_timeout", "a node timed out", True)
     if exc is None:

@@ -72,11 +72,15 @@ def decide(
         return Decision(final(outcome.status), outcome.status, terminal=True)
 
     limit = max_attempts(job, tenant, retry)
-    if job.attempt < limit:
-        delay = backoff_s(job.attempt, retry, rng)
+    if job.attempt < limit or not outcome.counts_attempt:
+        # A failure that is not the job's own (Vault outage) retries on the same attempt.
+        next_attempt = job.attempt + 1 if outcome.counts_attempt else job.attempt
+        delay = outcome.retry_after_s
+        if delay is None:
+            delay = backoff_s(job.attempt, retry, rng)
         not_before_ms = int((finished_at + delay) * 1000)
         records = [
-            delayed_record(topics.retry, job, attempt=job.attempt + 1, not_before_ms=not_before_ms),
+            delayed_record(topics.retry, job, attempt=next_attempt, not_before_ms=not_before_ms),
             status_record(
                 topics.status,
                 tenant=job.tenant,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -23,6 +24,7 @@ from gateway.scheduler import FairScheduler, TenantLimits
 from gateway.settings import Settings
 from gateway.statusview import JobStatus, StatusView
 from gateway.tasks import cancel_and_wait
+from gateway.vault import JobSecrets, SecretStore, redact
 
 __all__ = ["Entry", "PoolFigures", "Pools", "limits_for"]
 
@@ -54,6 +56,18 @@ class PoolFigures:
     completed: int
 
 
+def _scrubbed(outcome: Outcome, secrets: JobSecrets | None) -> Outcome:
+    """The outcome with any secret value the job received masked in its result and error."""
+    values = secrets.handed_out if secrets is not None else frozenset()
+    if not values:
+        return outcome
+    return dataclasses.replace(
+        outcome,
+        result=redact(outcome.result, values),
+        error_message=redact(outcome.error_message, values),
+    )
+
+
 def limits_for(tenant: Tenant, share: float = 1.0) -> TenantLimits:
     """The scheduler's view of a tenant's quota, scaled to this replica's share."""
     quota = tenant.quota
@@ -79,12 +93,14 @@ class Pools:
         status_view: StatusView,
         finish: Callable[[Entry], None],
         fatal: Callable[[BaseException], None],
+        secrets: SecretStore | None = None,
     ) -> None:
         self._settings = settings
         self._catalog = catalog
         self._types = job_types
         self._publisher = publisher
         self._status = status_view
+        self._secrets = secrets
         self._finish = finish
         self._fatal = fatal
         self._rng = random.Random()  # noqa: S311  # backoff jitter, not a secret
@@ -269,6 +285,7 @@ class Pools:
             reason = "unknown_type" if factory is None else "unknown_tenant"
             return Outcome(Status.FAILED, None, reason, "job can no longer run here")
         deadline = job.deadline_s or tenant.jobs.default_deadline_s
+        secrets = self._secrets.for_job(job.tenant, job.id) if self._secrets else None
         ctx = JobContext(
             tenant=job.tenant,
             job_id=job.id,
@@ -278,8 +295,11 @@ class Pools:
             deadline_at=started + deadline,
             base_idempotency_key=job.idempotency_key,
         )
+        if secrets is not None:
+            ctx = dataclasses.replace(ctx, secrets=secrets)
         middleware = flow_event_middleware(job)
-        return await run_job(ctx, factory, cancel=entry.cancel, middlewares=[middleware])
+        outcome = await run_job(ctx, factory, cancel=entry.cancel, middlewares=[middleware])
+        return _scrubbed(outcome, secrets)
 
     def snapshot(self) -> Iterable[PoolFigures]:
         """Per-tenant figures for every pool this replica has seen."""

@@ -21,6 +21,7 @@ from gateway.publisher import Publisher
 from gateway.reload import CatalogReloader
 from gateway.settings import KafkaSettings, Settings, TopicSettings
 from gateway.statusview import StatusView
+from gateway.vault import SecretStore
 
 __all__ = ["Gateway", "ensure_topics", "run_gateway"]
 
@@ -58,6 +59,7 @@ class Gateway:
         self.job_types = job_types or load_job_types(settings.flows)
         self.history = TerminalHistory(settings.history_size)
         self.publisher = Publisher(settings.kafka)
+        self.secrets = SecretStore(settings.vault) if settings.vault.configured else None
         self.status_view = StatusView(
             settings.kafka, settings.topics.status, self.history, settings.history_size
         )
@@ -67,6 +69,7 @@ class Gateway:
             job_types=self.job_types,
             publisher=self.publisher,
             status_view=self.status_view,
+            secrets=self.secrets,
             finish=self._finish,
             fatal=self.fail,
         )
@@ -116,7 +119,11 @@ class Gateway:
         self._stopped.set()
 
     async def start(self) -> None:
-        """Start order: topics, producer, status view (caught up), pools, intake."""
+        """Start order: Vault login, topics, producer, status view (caught up), pools, intake."""
+        if self.secrets is not None:
+            await self.secrets.start()
+        elif any(tenant.secret_paths for tenant in self._catalog):
+            log.warning("vault_not_configured", extra={"hint": "set GATEWAY_VAULT__TOKEN"})
         if self.settings.kafka.create_topics:
             await ensure_topics(self.settings.kafka, self.settings.topics)
         await self.publisher.start()
@@ -143,7 +150,7 @@ class Gateway:
            (their records stay uncommitted and are redelivered);
         3. wait for DLQ/deferral publishes and status records already sent;
         4. commit every finished run and leave the group;
-        5. close the status view and the producer.
+        5. close the status view and the producer; stop renewing the Vault token.
         """
         if self._stopping:
             return
@@ -157,6 +164,8 @@ class Gateway:
         await self.intake.close()
         await self.status_view.stop()
         await self.publisher.stop()
+        if self.secrets is not None:
+            await self.secrets.stop()
         log.info("gateway_stopped", extra={"exit_code": self.exit_code})
 
 

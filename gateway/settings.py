@@ -82,10 +82,22 @@ class VaultSettings(BaseModel):
     role_id: str | None = None
     secret_id: SecretStr | None = None
     mount: str = "secret"
+    approle_mount: str = "approle"
     cache_ttl_s: float = Field(default=300.0, gt=0)
+    cache_size: int = Field(default=10_000, ge=1)
     max_stale_s: float = Field(default=600.0, ge=0)
     timeout_s: float = Field(default=5.0, gt=0)
+    # Lifetime of the per-tenant tokens the gateway mints (renewed at half, then replaced).
+    tenant_token_ttl_s: int = Field(default=900, ge=2)
+    # How often the gateway checks its own token (renewing it at a third of its TTL).
+    renew_check_s: float = Field(default=60.0, gt=0)
+    max_workers: int = Field(default=8, ge=1)
     enabled: bool = True
+
+    @property
+    def configured(self) -> bool:
+        """Vault is on and the gateway has credentials for it."""
+        return self.enabled and (self.token is not None or self.role_id is not None)
 
 
 class HttpSettings(BaseModel):
