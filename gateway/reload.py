@@ -51,7 +51,7 @@ class CatalogReloader:
         try:
             catalog = load_catalog(self._tenants_dir, self._policies_dir)
         except CatalogError as exc:
-            log.error(  # noqa: TRY400  # the message names file and field; no traceback needed
+            log.error(  # the message names file and field; no traceback needed
                 "catalog_rejected",
                 extra={"path": exc.path, "field": exc.field, "problem": exc.problem},
             )

@@ -39,7 +39,10 @@ def free_port() -> int:
 
 
 def _port_taken(port: int) -> bool:
+    """True when something listens on the port (connections in TIME_WAIT do not count,
+    as they do not stop a server that sets SO_REUSEADDR, which Tansu and OpenBao do)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:

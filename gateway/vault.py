@@ -158,7 +158,7 @@ class SecretStore:
         try:
             await self._authenticate()
         except SecretsUnavailable:
-            log.error(  # noqa: TRY400  # no traceback: hvac's text is not ours to log
+            log.error(  # no traceback: hvac's text is not ours to log
                 "vault_unreachable_at_start", extra={"addr": self._settings.addr}
             )
         self._renewer = asyncio.create_task(self._keep_alive(), name="gateway:vault-renew")
@@ -301,14 +301,14 @@ class SecretStore:
             except _DENIED:
                 # The gateway's own token expired or was revoked: log in again once.
                 if attempt == 1 and self._settings.role_id is not None:
-                    await self._authenticate(force=True)
+                    await self._relogin()
                     continue
-                log.error("vault_token_mint_refused", extra={"tenant": tenant})  # noqa: TRY400
+                log.error("vault_token_mint_refused", extra={"tenant": tenant})
                 raise SecretsUnavailable("Vault refused to mint the tenant's token") from None
             except hvac.exceptions.InvalidRequest:
                 # Unknown role: the tenant was not bootstrapped (yet). An operator problem,
                 # not the job's: retry rather than fail.
-                log.error("vault_tenant_role_missing", extra={"tenant": tenant})  # noqa: TRY400
+                log.error("vault_tenant_role_missing", extra={"tenant": tenant})
                 raise SecretsUnavailable(
                     f"no Vault token role for tenant {tenant!r}: run `gateway vault bootstrap`"
                 ) from None
@@ -358,6 +358,14 @@ class SecretStore:
             ttl = float(response["data"].get("ttl") or 0)
             self._gateway_expires_at = self._clock() + ttl if ttl else None
 
+    async def _relogin(self) -> None:
+        # While serving jobs, a refused login is the gateway's problem, not the job's.
+        try:
+            await self._authenticate(force=True)
+        except ConfigError as exc:
+            log.error("vault_auth_failed", extra={"error": str(exc)})
+            raise SecretsUnavailable("the gateway could not log in to Vault") from None
+
     async def _keep_alive(self) -> None:
         """Renew the gateway's token at a third of its TTL; log in again when it is gone."""
         while True:
@@ -370,7 +378,7 @@ class SecretStore:
             except SecretsUnavailable:
                 continue  # logged by _call; try again next round
             except ConfigError as exc:
-                log.error("vault_auth_failed", extra={"error": str(exc)})  # noqa: TRY400
+                log.error("vault_auth_failed", extra={"error": str(exc)})
 
     def _renew_interval_s(self) -> float:
         floor = self._settings.renew_check_s

@@ -14,12 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import hvac
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from gateway.catalog import load_catalog
 from gateway.service import ensure_topics
-from gateway.services import Tansu, free_port
+from gateway.services import OpenBao, Tansu, free_port
 from gateway.settings import KafkaSettings, Settings, TopicSettings
+from gateway.vault_bootstrap import bootstrap_local
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,6 +36,42 @@ def tansu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tansu]:
         yield broker
     finally:
         broker.stop()
+
+
+@dataclass
+class VaultServer:
+    """A bootstrapped OpenBao: shipped tenants, demo secrets, the gateway's AppRole."""
+
+    bao: OpenBao
+    gateway_vault: Any  # VaultSettings that log in as the gateway (AppRole)
+
+    def admin(self) -> hvac.Client:
+        return hvac.Client(url=self.bao.addr, token=self.bao.root_token, timeout=5)
+
+    def secret(self, tenant: str, path: str) -> dict[str, str]:
+        """A secret's values, read with the admin token (tests compare digests)."""
+        response = self.admin().secrets.kv.v2.read_secret_version(
+            path=f"tenants/{tenant}/{path}", raise_on_deleted_version=True
+        )
+        return dict(response["data"]["data"])
+
+
+def bootstrap_vault(bao: OpenBao) -> Any:
+    """Bootstrap the shipped catalog into `bao`; VaultSettings for the gateway's AppRole."""
+    base = Settings(tenants_dir=ROOT / "tenants", policies_dir=ROOT / "policies")
+    catalog = load_catalog(base.tenants_dir, base.policies_dir)
+    return bootstrap_local(bao.addr, bao.root_token, catalog, base).vault
+
+
+@pytest.fixture(scope="session")
+def openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VaultServer]:
+    """A real OpenBao in dev mode on a free loopback port, bootstrapped, stopped by PID."""
+    bao = OpenBao(free_port(), tmp_path_factory.mktemp("openbao") / "openbao.log")
+    bao.start()
+    try:
+        yield VaultServer(bao, bootstrap_vault(bao))
+    finally:
+        bao.stop()
 
 
 def make_settings(bootstrap: str, **overrides: Any) -> Settings:
@@ -94,6 +133,16 @@ def settings_env(settings: Settings) -> dict[str, str]:
     )
     for name in ("jobs", "results", "status", "control", "retry", "deferred", "dlq"):
         env[f"GATEWAY_TOPICS__{name.upper()}"] = getattr(topics, name)
+    vault = settings.vault
+    if vault.configured:
+        env["GATEWAY_VAULT__ADDR"] = vault.addr
+        env["GATEWAY_VAULT__CACHE_TTL_S"] = str(vault.cache_ttl_s)
+        env["GATEWAY_VAULT__MAX_STALE_S"] = str(vault.max_stale_s)
+        if vault.token is not None:
+            env["GATEWAY_VAULT__TOKEN"] = vault.token.get_secret_value()
+        if vault.role_id is not None and vault.secret_id is not None:
+            env["GATEWAY_VAULT__ROLE_ID"] = vault.role_id
+            env["GATEWAY_VAULT__SECRET_ID"] = vault.secret_id.get_secret_value()
     return env
 
 
