@@ -49,7 +49,7 @@ class HttpServer:
     """Serves an ASGI app on settings.host/port (port 0: any free port, see `port`)."""
 
     def __init__(self, app: ASGIApp, settings: HttpSettings) -> None:
-        self._app = app
+        self.app = app
         self._settings = settings
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
@@ -60,7 +60,7 @@ class HttpServer:
         settings = self._settings
         sock = _bind(settings.host, settings.port)
         config = uvicorn.Config(
-            self._app,
+            self.app,
             http="h11",
             ws="none",
             lifespan="off",

@@ -275,12 +275,12 @@ class Pools:
             rng=self._rng,
         )
         await self._publisher.send(decision.records)
-        self._status.observe(
-            JobStatus(job.tenant, job.id, decision.status, job.attempt, rfc3339(finished))
-        )
-        for record in decision.records:
-            if record.topic == topics.results:
-                self._status.observe_result(record.value)
+        status = JobStatus(job.tenant, job.id, decision.status, job.attempt, rfc3339(finished))
+        result = next((r.value for r in decision.records if r.topic == topics.results), None)
+        if result is not None:
+            self._status.observe_result(result, status)  # GET answers with it at once
+        else:
+            self._status.observe(status)
         if outcome.error_code == "tenant_violation":
             audit_tenant_violation(
                 tenant=job.tenant, job_id=job.id, job_type=job.type, attempt=job.attempt

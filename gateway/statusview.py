@@ -83,9 +83,10 @@ class StatusView:
         """The `jobs.results` record value of (tenant, job id), while it is cached."""
         return self._results.get(key)
 
-    def observe_result(self, value: bytes | None) -> None:
-        """Keep a terminal result record (also called for this replica's own outcomes)."""
-        parsed = _parse_result(value)
+    def observe_result(self, value: bytes | None, status: JobStatus | None = None) -> None:
+        """Keep a terminal result record and apply its status; a caller that already
+        knows the status (this replica's own outcomes) passes it to skip parsing."""
+        parsed = status if status is not None else _parse_result(value)
         if parsed is None or value is None:
             return
         key = (parsed.tenant, parsed.job_id)
