@@ -579,3 +579,15 @@ async def test_openapi_document_matches_the_routes(live: Live) -> None:
         codes = document["paths"][path][method.lower()]["responses"]
         assert str(response.status_code) in codes, (method, path, response.status_code)
     assert "text/plain" in (await live.http.get("/metrics")).headers["content-type"]
+
+
+async def test_answers_are_not_held_back_by_delayed_acks(live: Live) -> None:
+    # Headers and body leave in two writes; without TCP_NODELAY on accepted sockets
+    # each answer waited ~40 ms for the client's delayed ACK.
+    timings = []
+    for _ in range(20):
+        started = time.perf_counter()
+        response = await live.http.get("/healthz")
+        timings.append(time.perf_counter() - started)
+        assert response.status_code == 200
+    assert sorted(timings)[10] < 0.02, timings
