@@ -12,6 +12,8 @@ import json
 import logging
 import re
 import secrets
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -535,6 +537,47 @@ async def test_flow_message_for_another_tenant_fails_and_is_audited(
         "flow_message",
     )
     assert "globex" not in lines[0]
+
+
+# -- keys --------------------------------------------------------------------------
+
+
+def new_key(tenant: str) -> subprocess.CompletedProcess[str]:
+    """`gateway tenants new-key TENANT`, as an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "tenants", "new-key", tenant],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+
+
+async def test_new_key_from_the_cli_authenticates_once_in_the_tenant_file(
+    live: Live, tenants_dir: Path
+) -> None:
+    done = await asyncio.to_thread(new_key, "solo")
+    found_key = re.search(r"api key \(shown once\): (\S+)", done.stdout)
+    found_hash = re.search(r'api_keys_sha256: "([0-9a-f]{64})"', done.stdout)
+    assert found_key is not None
+    assert found_hash is not None
+    key, digest = found_key[1], found_hash[1]
+    assert len(key) >= 40
+    assert done.stdout.count(key) == 1
+    assert hashlib.sha256(key.encode()).hexdigest() == digest
+    headers = {"Authorization": f"Bearer {key}"}
+    assert (await live.http.get("/v1/jobs/x", headers=headers)).status_code == 401
+
+    path = tenants_dir / "solo.toml"
+    old = hashlib.sha256(KEYS["solo"].encode()).hexdigest()
+    path.write_text(path.read_text().replace(f'["{old}"]', f'["{old}", "{digest}"]'))
+    assert live.gateway.reloader.reload()
+    # The new key is solo's now: its own unknown job is a 404, not a 401.
+    assert (await live.http.get("/v1/jobs/x", headers=headers)).status_code == 404
+    job_id = await submit(live, "solo", "echo")
+    body = await wait_status(live, "solo", job_id, {"succeeded"})
+    again = await live.http.get(f"/v1/jobs/{job_id}", headers=headers)
+    assert again.json() == body
 
 
 # -- operations and the document ---------------------------------------------------
