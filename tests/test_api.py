@@ -223,6 +223,20 @@ async def test_endpoint_matrix_other_tenant_is_indistinguishable_from_unknown(
         assert exact(other) == exact(missing)
         assert not any(name.lower() == b"date" for name, _ in other.headers.raw)
 
+    # Submitting needs a key too; nothing is produced without one.
+    for headers in (
+        {},
+        {"Authorization": "Bearer nope"},
+        {"Authorization": f"Basic {KEYS['acme']}"},
+    ):
+        refused = await live.http.post(
+            "/v1/jobs", json={"type": "echo", "id": f"nokey-{unknown}"}, headers=headers
+        )
+        assert refused.status_code == 401
+    assert (
+        await live.http.get(f"/v1/jobs/nokey-{unknown}", headers=auth("acme"))
+    ).status_code == 404
+
     document = (await live.http.get("/openapi.json")).json()
     own = await live.http.get(f"/v1/jobs/{mine_done}", headers=auth("acme"))
     assert own.status_code == 200
