@@ -66,6 +66,8 @@ class Intake:
         self._pools = pools
         self._history = history
         self._fatal = fatal
+        # Cancels for jobs not held yet, shared with the control listener; without one
+        # (no control plane), a stand-in that remembers next to nothing.
         self._cancels = cancels if cancels is not None else PendingCancels(1, 1.0)
         self.tracker = OffsetTracker()
         self._delays: DelayQueue[Entry] = DelayQueue(self._due)
