@@ -36,5 +36,10 @@ bench: $(DEV_STAMP)
 bench-quick: $(DEV_STAMP)
 	$(BIN)/python -m bench.intake --jobs 2000 --sleep-jobs 2000
 
+.PHONY: bench-api
+# GET /v1/jobs/{id} latency while the gateway works through echo jobs (issue 6).
+bench-api: $(DEV_STAMP)
+	$(BIN)/python -m bench.api
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

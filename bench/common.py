@@ -76,6 +76,7 @@ async def bench_settings(bootstrap: str, tenants_dir: Path, **overrides: Any) ->
         session_timeout_ms=6000,
         heartbeat_interval_ms=500,
     )
+    overrides.setdefault("http", {"port": 0})  # a free port, never a fixed one
     settings = Settings(
         kafka=kafka,
         topics=topics,

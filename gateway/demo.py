@@ -174,8 +174,16 @@ async def run_demo(
                 "session_timeout_ms": 6000,
             }
         )
+        # Like the broker and Vault, the API takes a free port unless one is set.
+        http = settings.http
+        if "port" not in http.model_fields_set:
+            http = http.model_copy(update={"port": 0})
         demo_settings = settings.model_copy(
-            update={"kafka": kafka, "retry": settings.retry.model_copy(update={"base_s": 0.5})}
+            update={
+                "kafka": kafka,
+                "http": http,
+                "retry": settings.retry.model_copy(update={"base_s": 0.5}),
+            }
         )
         board = _Scoreboard()
         if services.openbao is not None:
@@ -186,6 +194,11 @@ async def run_demo(
         await ensure_topics(kafka, demo_settings.topics)
         gateway = Gateway(demo_settings, catalog)
         await gateway.start()
+        if gateway.http_port is not None:
+            console.print(
+                f"control API on http://{http.host}:{gateway.http_port} "
+                "(keys: demo-key-acme, demo-key-globex, demo-key-initech)"
+            )
         producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers, linger_ms=5)
         consumer = AIOKafkaConsumer(
             demo_settings.topics.results,

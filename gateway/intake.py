@@ -13,6 +13,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
 from gateway.catalog import Catalog
+from gateway.control import PendingCancels
 from gateway.delays import DelayQueue
 from gateway.envelope import Rejection, Source, parse_record
 from gateway.errors import ProduceError
@@ -20,7 +21,7 @@ from gateway.flows import JobTypes
 from gateway.history import TerminalHistory
 from gateway.observability import job_log
 from gateway.offsets import OffsetTracker, Ticket
-from gateway.outcomes import rejection_records
+from gateway.outcomes import cancelled_records, rejection_records
 from gateway.pools import Entry, Pools
 from gateway.publisher import Publisher
 from gateway.records import OutRecord, Status, delayed_record, status_record
@@ -56,6 +57,7 @@ class Intake:
         pools: Pools,
         history: TerminalHistory,
         fatal: Callable[[BaseException], None],
+        cancels: PendingCancels | None = None,
     ) -> None:
         self._settings = settings
         self._catalog = catalog
@@ -64,6 +66,9 @@ class Intake:
         self._pools = pools
         self._history = history
         self._fatal = fatal
+        # Cancels for jobs not held yet, shared with the control listener; without one
+        # (no control plane), a stand-in that remembers next to nothing.
+        self._cancels = cancels if cancels is not None else PendingCancels(1, 1.0)
         self.tracker = OffsetTracker()
         self._delays: DelayQueue[Entry] = DelayQueue(self._due)
         self._consumer: AIOKafkaConsumer | None = None
@@ -200,6 +205,7 @@ class Intake:
             not_before is not None
             and record.topic in self._delayed_topics
             and not_before > time.time() * 1000
+            and entry.job.key not in self._cancels
         ):
             self._delays.add(not_before, entry)
             return
@@ -220,8 +226,42 @@ class Intake:
             # The same job is already queued or running: finish this record with it.
             current.followers.append(entry.ticket)
             return
+        if job.key in self._cancels:
+            self._finish_cancelled([entry], "on_arrival")
+            return
         if not self._pools.submit(entry):
             self._defer(entry)
+
+    # -- cancellation ----------------------------------------------------------
+
+    def cancel(self, key: tuple[str, str]) -> str:
+        """Cancel a job by (tenant, id) wherever this replica holds it; say where.
+
+        `running`: its flow is being cancelled; `queued` or `delayed` (a retry or
+        deferral waiting for its time): it never starts, `cancelled` is recorded now;
+        `pending`: not held here, so the request is remembered and wins on arrival.
+        The request is remembered in every case, for redeliveries of the same job.
+        """
+        self._cancels.add(key)
+        entry = self._pools.cancel(key)
+        if entry is not None:
+            if entry.task is not None:
+                return "running"
+            self._finish_cancelled([entry], "queued")
+            return "queued"
+        held = self._delays.remove(lambda e: e.job.key == key)
+        if held:
+            self._finish_cancelled(held, "delayed")
+            return "delayed"
+        return "pending"
+
+    def _finish_cancelled(self, entries: list[Entry], where: str) -> None:
+        job = entries[0].job
+        records = cancelled_records(job, topics=self._settings.topics, at=time.time())
+        self._history.remember(job.key, Status.CANCELLED)
+        job_log(log, logging.INFO, "job_cancelled", job, where=where)
+        tickets = [t for e in entries for t in (e.ticket, *e.followers)]
+        self._spawn(self._publish_then_finish(records, tickets))
 
     # -- outcomes that do not run a flow ---------------------------------------
 

@@ -68,7 +68,7 @@ def configure_logging(fmt: str = "auto", level: str = "INFO", replica: str = "")
     pf = logging.getLogger("penguiflow")
     pf.setLevel(logging.CRITICAL + 1)
     pf.propagate = False
-    for noisy in ("aiokafka", "kafka", "urllib3", "uvicorn.access"):
+    for noisy in ("aiokafka", "kafka", "urllib3", "uvicorn.access", "uvicorn.error"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -19,7 +19,7 @@ from gateway.records import (
 from gateway.retries import backoff_s, max_attempts
 from gateway.settings import RetrySettings, TopicSettings
 
-__all__ = ["Decision", "decide", "rejection_records"]
+__all__ = ["Decision", "cancelled_records", "decide", "rejection_records"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,3 +127,29 @@ def rejection_records(rejection: Rejection, *, topics: TopicSettings, at: float)
             )
         )
     return records
+
+
+def cancelled_records(job: Job, *, topics: TopicSettings, at: float) -> list[OutRecord]:
+    """Result and status `cancelled` for a job cancelled before it ever started."""
+    return [
+        result_record(
+            topics.results,
+            tenant=job.tenant,
+            job_id=job.id,
+            job_type=job.type,
+            status=Status.CANCELLED,
+            result=None,
+            error=("cancelled", "cancelled on request before it started"),
+            attempts=job.attempt,
+            started_at=at,
+            finished_at=at,
+        ),
+        status_record(
+            topics.status,
+            tenant=job.tenant,
+            job_id=job.id,
+            status=Status.CANCELLED,
+            attempt=job.attempt,
+            at=at,
+        ),
+    ]

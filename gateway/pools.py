@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 
+from gateway.audit import audit_tenant_violation
 from gateway.catalog import Catalog, Tenant
 from gateway.envelope import Job
 from gateway.errors import ProduceError
@@ -19,7 +20,7 @@ from gateway.observability import flow_event_middleware, job_log
 from gateway.offsets import Ticket
 from gateway.outcomes import decide
 from gateway.publisher import Publisher
-from gateway.records import Status, status_record
+from gateway.records import Status, rfc3339, status_record
 from gateway.scheduler import FairScheduler, TenantLimits
 from gateway.settings import Settings
 from gateway.statusview import JobStatus, StatusView
@@ -41,6 +42,9 @@ class Entry:
     followers: list[Ticket] = field(default_factory=list)
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    # True only while the task awaits run_job, the one place a task cancellation
+    # requested by a user is turned into a `cancelled` outcome.
+    in_flow: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +84,9 @@ def limits_for(tenant: Tenant, share: float = 1.0) -> TenantLimits:
     )
 
 
+_CANCELLED = Outcome(Status.CANCELLED, None, "cancelled", "cancelled on request")
+
+
 class Pools:
     """Buffers jobs per tenant, starts them fairly within quotas, and records outcomes."""
 
@@ -117,6 +124,27 @@ class Pools:
     def find(self, key: tuple[str, str]) -> Entry | None:
         """The queued or running entry of a job (tenant first in the key, always)."""
         return self._by_key.get(key)
+
+    def cancel(self, key: tuple[str, str]) -> Entry | None:
+        """Cancel a job held here; None when it is not.
+
+        A buffered job is taken out (it never starts) and returned with `task` None:
+        the caller records it. A running job's flow is cancelled (trace cancelled, node
+        task cancelled, flow stopped) and its own task records `cancelled`.
+        """
+        entry = self._by_key.get(key)
+        if entry is None:
+            return None
+        if entry.task is None:
+            self.scheduler.remove(lambda e: e is entry)
+            del self._by_key[key]
+            entry.cancel.set()
+            return entry
+        if not entry.cancel.is_set():
+            entry.cancel.set()
+            if entry.in_flow:
+                entry.task.cancel()
+        return entry
 
     def submit(self, entry: Entry) -> bool:
         """Buffer a job in its tenant's pool; False when the pool is full (defer it)."""
@@ -248,7 +276,7 @@ class Pools:
             )
         )
         if entry.cancel.is_set():
-            outcome = Outcome(Status.CANCELLED, None, "cancelled", "cancelled on request")
+            outcome = _CANCELLED
         else:
             outcome = await self._run(entry, tenant, started)
         finished = time.time()
@@ -263,9 +291,16 @@ class Pools:
             rng=self._rng,
         )
         await self._publisher.send(decision.records)
-        self._status.observe(
-            JobStatus(job.tenant, job.id, decision.status, job.attempt, str(finished))
-        )
+        status = JobStatus(job.tenant, job.id, decision.status, job.attempt, rfc3339(finished))
+        result = next((r.value for r in decision.records if r.topic == topics.results), None)
+        if result is not None:
+            self._status.observe_result(result, status)  # GET answers with it at once
+        else:
+            self._status.observe(status)
+        if outcome.error_code == "tenant_violation":
+            audit_tenant_violation(
+                tenant=job.tenant, job_id=job.id, job_type=job.type, attempt=job.attempt
+            )
         job_log(
             log,
             logging.INFO,
@@ -298,7 +333,17 @@ class Pools:
         if secrets is not None:
             ctx = dataclasses.replace(ctx, secrets=secrets)
         middleware = flow_event_middleware(job)
-        outcome = await run_job(ctx, factory, cancel=entry.cancel, middlewares=[middleware])
+        entry.in_flow = True
+        try:
+            outcome = await run_job(ctx, factory, cancel=entry.cancel, middlewares=[middleware])
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if entry.cancel.is_set() and task is not None and task.uncancel() == 0:
+                # A cancel request that landed while the flow was already stopping.
+                return _CANCELLED
+            raise
+        finally:
+            entry.in_flow = False
         return _scrubbed(outcome, secrets)
 
     def snapshot(self) -> Iterable[PoolFigures]:

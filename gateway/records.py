@@ -14,6 +14,7 @@ __all__ = [
     "TERMINAL",
     "OutRecord",
     "Status",
+    "cancel_record",
     "delayed_record",
     "dlq_record",
     "dumps",
@@ -71,6 +72,12 @@ def status_record(
     """A `jobs.status` transition."""
     body = {"id": job_id, "tenant": tenant, "status": status.value, "attempt": attempt}
     body["at"] = rfc3339(at)
+    return OutRecord(topic, job_id.encode(), dumps(body), [("tenant", tenant.encode())])
+
+
+def cancel_record(topic: str, *, tenant: str, job_id: str, at: float) -> OutRecord:
+    """A `jobs.control` cancel command."""
+    body = {"op": "cancel", "id": job_id, "tenant": tenant, "requested_at": rfc3339(at)}
     return OutRecord(topic, job_id.encode(), dumps(body), [("tenant", tenant.encode())])
 
 

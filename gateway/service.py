@@ -7,15 +7,19 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Hashable
+from collections.abc import Awaitable, Callable, Hashable
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from gateway.api import ControlApi
 from gateway.catalog import Catalog, load_catalog
+from gateway.control import CancelCommand, ControlListener, PendingCancels
 from gateway.errors import GatewayError
 from gateway.flows import JobTypes, load_job_types
 from gateway.history import TerminalHistory
+from gateway.httpserver import HttpServer
 from gateway.intake import Intake
+from gateway.metrics import Metrics
 from gateway.pools import Entry, Pools
 from gateway.publisher import Publisher
 from gateway.reload import CatalogReloader
@@ -23,13 +27,18 @@ from gateway.settings import KafkaSettings, Settings, TopicSettings
 from gateway.statusview import StatusView
 from gateway.vault import SecretStore
 
-__all__ = ["Gateway", "ensure_topics", "run_gateway"]
+__all__ = ["Gateway", "ReadinessCheck", "ensure_topics", "run_gateway"]
 
 log = logging.getLogger("gateway.service")
 
 # Bound on waiting for the status view to read what is already on `jobs.status`
 # before taking jobs, so redelivered finished jobs are recognised.
 _STATUS_CATCH_UP_S = 30.0
+# Bound on one readiness check (GET /readyz).
+_READINESS_CHECK_S = 2.0
+
+# A readiness check: None when fine, else a short reason (shown by GET /readyz).
+ReadinessCheck = Callable[[], Awaitable[str | None]]
 
 
 async def ensure_topics(kafka: KafkaSettings, topics: TopicSettings) -> None:
@@ -60,8 +69,18 @@ class Gateway:
         self.history = TerminalHistory(settings.history_size)
         self.publisher = Publisher(settings.kafka)
         self.secrets = SecretStore(settings.vault) if settings.vault.configured else None
+        self.metrics = Metrics()
         self.status_view = StatusView(
-            settings.kafka, settings.topics.status, self.history, settings.history_size
+            settings.kafka,
+            settings.topics.status,
+            self.history,
+            settings.history_size,
+            # Result records are kept only to answer GET /v1/jobs/{id}.
+            results_topic=settings.topics.results if settings.http.enabled else None,
+            result_cache_bytes=settings.http.result_cache_bytes,
+        )
+        self.pending_cancels = PendingCancels(
+            settings.control.max_pending_cancels, settings.control.cancel_ttl_s
         )
         self.pools = Pools(
             settings=settings,
@@ -81,14 +100,41 @@ class Gateway:
             pools=self.pools,
             history=self.history,
             fatal=self.fail,
+            cancels=self.pending_cancels,
         )
         self.intake.on_assignment(self._update_share)
+        self.control = ControlListener(
+            settings.kafka, settings.topics.control, settings.control.cancel_ttl_s, self._on_cancel
+        )
+        # Extra conditions for GET /readyz (e.g. Vault reachable or its cache warm).
+        self.readiness_checks: list[ReadinessCheck] = []
+        if self.secrets is not None:
+            self.readiness_checks.append(self._vault_ready)
+        self.http: HttpServer | None = None
+        if settings.http.enabled:
+            api = ControlApi(
+                settings=settings,
+                catalog=self.catalog,
+                job_types=self.job_types,
+                publisher=self.publisher,
+                status_view=self.status_view,
+                metrics=self.metrics,
+                readiness=self.not_ready_reasons,
+            )
+            self.http = HttpServer(api.app(), settings.http)
+        self._assigned_once = False
         self.reloader = CatalogReloader(
             settings.tenants_dir, settings.policies_dir, self.apply_catalog, settings.catalog_poll_s
         )
         self._stopped = asyncio.Event()
         self._stopping = False
         self.exit_code = 0
+
+    async def _vault_ready(self) -> str | None:
+        store = self.secrets
+        if store is None or store.ready:
+            return None
+        return "vault unreachable and no cached secrets"
 
     def catalog(self) -> Catalog:
         """The catalog in force now."""
@@ -102,7 +148,43 @@ class Gateway:
     def _finish(self, entry: Entry) -> None:
         self.intake.finish_entry(entry)
 
+    def _on_cancel(self, command: CancelCommand) -> None:
+        where = self.intake.cancel(command.key)
+        log.info(
+            "cancel_received",
+            extra={"tenant": command.tenant, "job_id": command.job_id, "where": where},
+        )
+
+    @property
+    def http_port(self) -> int | None:
+        """The port the HTTP API listens on (useful with port 0), or None when disabled."""
+        return self.http.port if self.http is not None else None
+
+    async def not_ready_reasons(self) -> list[str]:
+        """Why this replica is not ready to serve (empty when it is)."""
+        reasons = []
+        if self._stopping:
+            reasons.append("stopping")
+        if not self._assigned_once:
+            reasons.append("partitions not assigned yet")
+        if not self.status_view.caught_up.is_set():
+            reasons.append("status view catching up")
+        if not self.control.caught_up.is_set():
+            reasons.append("cancel commands catching up")
+        for check in list(self.readiness_checks):
+            name = getattr(check, "__name__", "check")
+            try:
+                reason = await asyncio.wait_for(check(), _READINESS_CHECK_S)
+            except TimeoutError:
+                reason = f"{name}: no answer within {_READINESS_CHECK_S:g}s"
+            except Exception as exc:  # noqa: BLE001  # a failing check means not ready, not a 500
+                reason = f"{name}: {type(exc).__name__}"
+            if reason is not None:
+                reasons.append(reason)
+        return reasons
+
     def _update_share(self, assigned: set[Hashable]) -> None:
+        self._assigned_once = True
         jobs_topic = self.settings.topics.jobs
         mine = sum(1 for tp in assigned if getattr(tp, "topic", None) == jobs_topic)
         total = self.settings.kafka.partitions
@@ -119,7 +201,8 @@ class Gateway:
         self._stopped.set()
 
     async def start(self) -> None:
-        """Start order: Vault login, topics, producer, status view (caught up), pools, intake."""
+        """Start order: Vault login, topics, producer, status view and cancel commands,
+        HTTP API (not ready yet), both views caught up (bounded), pools, intake."""
         if self.secrets is not None:
             await self.secrets.start()
         elif any(tenant.secret_paths for tenant in self._catalog):
@@ -128,14 +211,24 @@ class Gateway:
             await ensure_topics(self.settings.kafka, self.settings.topics)
         await self.publisher.start()
         await self.status_view.start()
+        await self.control.start()
+        if self.http is not None:
+            await self.http.start()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.status_view.caught_up.wait(), _STATUS_CATCH_UP_S)
+            await asyncio.wait_for(
+                asyncio.gather(self.status_view.caught_up.wait(), self.control.caught_up.wait()),
+                _STATUS_CATCH_UP_S,
+            )
         await self.pools.start()
         await self.intake.start()
         await self.reloader.start()
         log.info(
             "gateway_started",
-            extra={"replica": self.settings.replica, "tenants": len(self._catalog)},
+            extra={
+                "replica": self.settings.replica,
+                "tenants": len(self._catalog),
+                "http_port": self.http_port,
+            },
         )
 
     async def wait(self) -> None:
@@ -145,23 +238,28 @@ class Gateway:
     async def stop(self) -> None:
         """Shutdown order, in one place:
 
+        0. stop the HTTP API (requests under way finish, bounded);
         1. stop fetching (held retries/deferrals are dropped, not committed);
         2. stop starting jobs; running ones get `shutdown_grace_s`, then are cancelled
            (their records stay uncommitted and are redelivered);
         3. wait for DLQ/deferral publishes and status records already sent;
         4. commit every finished run and leave the group;
-        5. close the status view and the producer; stop renewing the Vault token.
+        5. close the cancel listener (it still reached running jobs during the grace),
+           the status view and the producer; stop renewing the Vault token.
         """
         if self._stopping:
             return
         self._stopping = True
         self._stopped.set()
+        if self.http is not None:
+            await self.http.stop()
         await self.reloader.stop()
         await self.intake.stop_fetching()
         await self.pools.stop(self.settings.shutdown_grace_s)
         await self.intake.drain_side_tasks(self.settings.kafka.produce_timeout_s)
         await self.publisher.drain()
         await self.intake.close()
+        await self.control.stop()
         await self.status_view.stop()
         await self.publisher.stop()
         if self.secrets is not None:

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = [
+    "ControlSettings",
     "HttpSettings",
     "KafkaSettings",
     "RetrySettings",
@@ -108,6 +109,25 @@ class HttpSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     enabled: bool = True
+    # Larger request bodies are refused with 413 before they are read in full.
+    max_body_bytes: int = Field(default=1_048_576, ge=1)
+    # Result records kept for GET, bounded by their total size (least recently used go).
+    result_cache_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    # Connections served at once; more are answered 503.
+    max_connections: int = Field(default=1024, ge=1)
+    # Bound on finishing requests under way when the gateway stops.
+    shutdown_timeout_s: float = Field(default=5.0, gt=0)
+
+
+class ControlSettings(BaseModel):
+    """Cancel requests from `jobs.control` for jobs this replica does not hold (yet)."""
+
+    model_config = _FROZEN
+
+    # A cancel for a job not held here is remembered this long, so it wins when the job
+    # arrives (from jobs, jobs.retry or jobs.deferred); older control records are ignored.
+    cancel_ttl_s: float = Field(default=600.0, gt=0)
+    max_pending_cancels: int = Field(default=100_000, ge=1)
 
 
 class RetrySettings(BaseModel):
@@ -141,6 +161,7 @@ class Settings(BaseSettings):
     topics: TopicSettings = TopicSettings()
     vault: VaultSettings = VaultSettings()
     http: HttpSettings = HttpSettings()
+    control: ControlSettings = ControlSettings()
     retry: RetrySettings = RetrySettings()
     tenants_dir: Path = Path("tenants")
     policies_dir: Path = Path("policies")

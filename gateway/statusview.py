@@ -1,8 +1,10 @@
-"""Every replica's view of `jobs.status`: latest status per job and recent terminal ids."""
+"""Every replica's view of `jobs.status` and `jobs.results`: latest status per job, the
+result record of terminal jobs (for `GET /v1/jobs/{id}`), and recent terminal ids."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -33,15 +35,28 @@ class JobStatus:
 
 
 class StatusView:
-    """Reads `jobs.status` from the beginning (no group) into bounded memory."""
+    """Reads `jobs.status` (and `jobs.results`, when given) from the beginning, with no
+    group, into bounded memory: statuses by count, result records by total size."""
 
     def __init__(
-        self, settings: KafkaSettings, topic: str, history: TerminalHistory, maxsize: int
+        self,
+        settings: KafkaSettings,
+        topic: str,
+        history: TerminalHistory,
+        maxsize: int,
+        *,
+        results_topic: str | None = None,
+        result_cache_bytes: int = 0,
     ) -> None:
         self._settings = settings
         self._topic = topic
+        self._results_topic = results_topic
         self._history = history
         self._latest: LRUCache[tuple[str, str], JobStatus] = LRUCache(maxsize=maxsize)
+        self._results: LRUCache[tuple[str, str], bytes] = LRUCache(
+            maxsize=max(1, result_cache_bytes), getsizeof=len
+        )
+        self._keep_results = results_topic is not None and result_cache_bytes > 0
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self.caught_up = asyncio.Event()
@@ -49,6 +64,10 @@ class StatusView:
     def get(self, key: tuple[str, str]) -> JobStatus | None:
         """Latest status of (tenant, job id), if seen."""
         return self._latest.get(key)
+
+    def knows(self, key: tuple[str, str]) -> bool:
+        """Whether (tenant, job id) has been seen, without touching its recency."""
+        return key in self._latest
 
     def observe(self, status: JobStatus) -> None:
         """Apply one transition (also called for this replica's own outcomes)."""
@@ -59,6 +78,22 @@ class StatusView:
         self._latest[key] = status
         if status.status in TERMINAL:
             self._history.remember(key, status.status)
+
+    def result(self, key: tuple[str, str]) -> bytes | None:
+        """The `jobs.results` record value of (tenant, job id), while it is cached."""
+        return self._results.get(key)
+
+    def observe_result(self, value: bytes | None, status: JobStatus | None = None) -> None:
+        """Keep a terminal result record and apply its status; a caller that already
+        knows the status (this replica's own outcomes) passes it to skip parsing."""
+        parsed = status if status is not None else _parse_result(value)
+        if parsed is None or value is None:
+            return
+        key = (parsed.tenant, parsed.job_id)
+        if self._keep_results:
+            with contextlib.suppress(ValueError):  # larger than the whole cache: not kept
+                self._results[key] = value
+        self.observe(parsed)
 
     async def start(self) -> None:
         """Assign every partition of the topic and begin reading from the start."""
@@ -74,8 +109,14 @@ class StatusView:
         await consumer.start()
         self._consumer = consumer
         await consumer.topics()  # loads metadata for every topic
-        partitions = consumer.partitions_for_topic(self._topic) or set()
-        tps = [TopicPartition(self._topic, p) for p in sorted(partitions)]
+        topics = [self._topic]
+        if self._results_topic is not None:
+            topics.append(self._results_topic)
+        tps = [
+            TopicPartition(topic, p)
+            for topic in topics
+            for p in sorted(consumer.partitions_for_topic(topic) or set())
+        ]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         self._task = asyncio.create_task(self._run(), name="gateway:status-view")
@@ -102,7 +143,11 @@ class StatusView:
                 # A poll with nothing new: everything already on the topic is read.
                 # (Log-end offsets from ListOffsets are not reliable on every broker.)
                 self.caught_up.set()
-            for records in batches.values():
+            for tp, records in batches.items():
+                if tp.topic == self._results_topic:
+                    for record in records:
+                        self.observe_result(record.value)
+                    continue
                 for record in records:
                     parsed = _parse(record.value)
                     if parsed is not None:
@@ -120,6 +165,26 @@ def _parse(value: bytes | None) -> JobStatus | None:
             status=Status(body["status"]),
             attempt=int(body.get("attempt", 0)),
             at=str(body.get("at", "")),
+        )
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _parse_result(value: bytes | None) -> JobStatus | None:
+    """The terminal status a `jobs.results` record carries."""
+    if value is None:
+        return None
+    try:
+        body = json.loads(value)
+        status = Status(body["status"])
+        if status not in TERMINAL:
+            return None
+        return JobStatus(
+            tenant=str(body["tenant"]),
+            job_id=str(body["id"]),
+            status=status,
+            attempt=int(body.get("attempts") or 0),
+            at=str(body.get("finished_at", "")),
         )
     except (ValueError, KeyError, TypeError):
         return None

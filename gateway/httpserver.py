@@ -1,0 +1,104 @@
+"""uvicorn inside the gateway's event loop, with the gateway owning signals and logging."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import socket
+from collections.abc import Iterator
+
+import uvicorn
+from starlette.types import ASGIApp
+
+from gateway.errors import ConfigError
+from gateway.settings import HttpSettings
+from gateway.tasks import cancel_and_wait
+
+__all__ = ["HttpServer"]
+
+log = logging.getLogger("gateway.http")
+
+_STARTUP_TIMEOUT_S = 10.0
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn would replace the SIGTERM/SIGINT handlers and re-raise the signal when
+        # it stops; the gateway handles both itself (service.run_gateway) and stops the
+        # server in its own shutdown order.
+        yield
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP, not 0: accepted sockets inherit it, and asyncio sets TCP_NODELAY only
+    # on sockets that say they are TCP. Without it every answer (headers, then body in a
+    # second write) waits ~40 ms for the client's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"HTTP API cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
+class HttpServer:
+    """Serves an ASGI app on settings.host/port (port 0: any free port, see `port`)."""
+
+    def __init__(self, app: ASGIApp, settings: HttpSettings) -> None:
+        self.app = app
+        self._settings = settings
+        self._server: _Server | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        """Bind (a clear error when the port is taken) and serve until `stop()`."""
+        settings = self._settings
+        sock = _bind(settings.host, settings.port)
+        config = uvicorn.Config(
+            self.app,
+            http="h11",
+            ws="none",
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            # No Date or Server header: answers that must be byte-identical stay so.
+            date_header=False,
+            server_header=False,
+            # The audit log records the peer address; a client must not be able to set it.
+            proxy_headers=False,
+            limit_concurrency=settings.max_connections,
+            timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
+        )
+        server = _Server(config)
+        self._server = server
+        self._task = asyncio.create_task(server.serve(sockets=[sock]), name="gateway:http")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _STARTUP_TIMEOUT_S
+        while not server.started:
+            if self._task.done() or loop.time() > deadline:
+                await self.stop()
+                raise ConfigError("HTTP API did not start")
+            await asyncio.sleep(0.01)
+        self.port = int(sock.getsockname()[1])
+        log.info("http_started", extra={"host": settings.host, "port": self.port})
+
+    async def stop(self) -> None:
+        """Stop accepting, let requests under way finish (bounded), close; idempotent."""
+        server, self._server = self._server, None
+        task, self._task = self._task, None
+        if server is None or task is None:
+            return
+        server.should_exit = True
+        await asyncio.wait({task}, timeout=self._settings.shutdown_timeout_s + 1.0)
+        if not task.done():
+            server.force_exit = True
+        await cancel_and_wait(task)
+        log.info("http_stopped")
