@@ -13,12 +13,14 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
 from gateway.catalog import Catalog
+from gateway.collectors import LagFigure
 from gateway.control import PendingCancels
 from gateway.delays import DelayQueue
 from gateway.envelope import Rejection, Source, parse_record
 from gateway.errors import ProduceError
 from gateway.flows import JobTypes
 from gateway.history import TerminalHistory
+from gateway.metrics import Metrics
 from gateway.observability import job_log
 from gateway.offsets import OffsetTracker, Ticket
 from gateway.outcomes import cancelled_records, rejection_records
@@ -58,6 +60,7 @@ class Intake:
         history: TerminalHistory,
         fatal: Callable[[BaseException], None],
         cancels: PendingCancels | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
         self._catalog = catalog
@@ -66,6 +69,7 @@ class Intake:
         self._pools = pools
         self._history = history
         self._fatal = fatal
+        self._metrics = metrics
         # Cancels for jobs not held yet, shared with the control listener; without one
         # (no control plane), a stand-in that remembers next to nothing.
         self._cancels = cancels if cancels is not None else PendingCancels(1, 1.0)
@@ -260,6 +264,8 @@ class Intake:
         records = cancelled_records(job, topics=self._settings.topics, at=time.time())
         self._history.remember(job.key, Status.CANCELLED)
         job_log(log, logging.INFO, "job_cancelled", job, where=where)
+        if self._metrics is not None:
+            self._metrics.jobs.labels(job.tenant, job.type, Status.CANCELLED.value).inc()
         tickets = [t for e in entries for t in (e.ticket, *e.followers)]
         self._spawn(self._publish_then_finish(records, tickets))
 
@@ -277,6 +283,8 @@ class Intake:
                 "offset": rejection.source.offset,
             },
         )
+        if self._metrics is not None:
+            self._metrics.dlq.labels(rejection.reason.value).inc()
         records = rejection_records(rejection, topics=self._settings.topics, at=time.time())
         self._spawn(self._publish_then_finish(records, [ticket]))
 
@@ -296,6 +304,8 @@ class Intake:
                 return
         now = time.time()
         delay = self._pools.defer_delay_s(job.tenant)
+        if self._metrics is not None:
+            self._metrics.deferrals.labels(job.tenant).inc()
         records = [
             delayed_record(
                 topics.deferred, job, attempt=job.attempt, not_before_ms=int((now + delay) * 1000)
@@ -354,12 +364,34 @@ class Intake:
             if not due:
                 return
             offsets = {tp: OffsetAndMetadata(offset, "") for tp, offset in due.items()}
+            began = time.perf_counter()
             try:
                 await asyncio.shield(consumer.commit(offsets))
             except (CommitFailedError, KafkaError) as exc:
                 log.warning("commit_failed", extra={"error": type(exc).__name__})
+                if self._metrics is not None:
+                    self._metrics.commit_failures.inc()
                 return
+            if self._metrics is not None:
+                self._metrics.commit_duration.observe(time.perf_counter() - began)
             self.tracker.mark_committed(due)
+
+    def lag(self) -> list[LagFigure]:
+        """Per assigned partition: the log end (as of the last fetch) minus the commit point.
+
+        Counts from the first record this replica saw of the partition; before that, and
+        before the first fetch, a partition reports nothing.
+        """
+        consumer = self._consumer
+        if consumer is None:
+            return []
+        figures = []
+        for tp in sorted(self._assigned, key=lambda t: (t.topic, t.partition)):
+            end = consumer.highwater(tp)
+            point = self.tracker.commit_point(tp)
+            if end is not None and point is not None:
+                figures.append(LagFigure(tp.topic, tp.partition, max(0, end - point)))
+        return figures
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         """Stop admitting, give running jobs a bounded time, commit, forget."""

@@ -18,7 +18,11 @@ _REPLICA = {"value": ""}
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, event, plus the record's extras."""
+    """One JSON object per line: ts, level, logger, event, replica, plus the record's extras."""
+
+    def __init__(self, replica: str | None = None) -> None:
+        super().__init__()
+        self._replica = replica
 
     def format(self, record: logging.LogRecord) -> str:
         body: dict[str, Any] = {
@@ -27,8 +31,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "event": record.getMessage(),
         }
-        if _REPLICA["value"]:
-            body["replica"] = _REPLICA["value"]
+        replica = self._replica if self._replica is not None else _REPLICA["value"]
+        if replica:
+            body["replica"] = replica
         body.update(
             (key, value)
             for key, value in record.__dict__.items()
@@ -90,11 +95,17 @@ _flow_log = logging.getLogger("gateway.flow")
 _FLOW_EVENTS = {"node_error", "node_timeout", "node_failed", "trace_cancel_start", "deadline_skip"}
 
 
-def flow_event_middleware(job: Job) -> Callable[[Any], Awaitable[None]]:
-    """A PenguiFlow middleware logging this job's notable FlowEvents with its tenant."""
+def flow_event_middleware(
+    job: Job, node_latency: Callable[[str, float], None] | None = None
+) -> Callable[[Any], Awaitable[None]]:
+    """A PenguiFlow middleware for one job: logs its notable FlowEvents with its tenant
+    (FlowEvent carries none; the flow is the job's, so we know it) and reports each
+    node's latency to `node_latency(node_name, seconds)`."""
 
     async def middleware(event: Any) -> None:
         name = event.event_type
+        if node_latency is not None and name == "node_success" and event.latency_ms is not None:
+            node_latency(event.node_name or "?", event.latency_ms / 1000)
         if name in _FLOW_EVENTS and _flow_log.isEnabledFor(logging.INFO):
             level = logging.WARNING if name in ("node_error", "node_failed") else logging.INFO
             job_log(

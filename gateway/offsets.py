@@ -113,6 +113,11 @@ class OffsetTracker:
             return owner.in_flight if owner is not None else 0
         return sum(owner.in_flight for owner in self._partitions.values())
 
+    def commit_point(self, partition: Hashable) -> int | None:
+        """Where a commit of the partition would stand now, or None (unknown partition)."""
+        offsets = self._partitions.get(partition)
+        return offsets.commit_point() if offsets is not None else None
+
     def due_commits(self, partitions: set[Hashable] | None = None) -> dict[Hashable, int]:
         """Commit points that moved, optionally only for some partitions."""
         due: dict[Hashable, int] = {}

@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 
 from gateway.audit import audit_tenant_violation
 from gateway.catalog import Catalog, Tenant
-from gateway.envelope import Job
+from gateway.envelope import DlqReason, Job
 from gateway.errors import ProduceError
 from gateway.flows import JobContext, JobTypes, Outcome, run_job
+from gateway.metrics import Metrics
 from gateway.observability import flow_event_middleware, job_log
 from gateway.offsets import Ticket
-from gateway.outcomes import decide
+from gateway.outcomes import Decision, decide
 from gateway.publisher import Publisher
 from gateway.records import Status, rfc3339, status_record
 from gateway.scheduler import FairScheduler, TenantLimits
@@ -101,6 +102,7 @@ class Pools:
         finish: Callable[[Entry], None],
         fatal: Callable[[BaseException], None],
         secrets: SecretStore | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
         self._catalog = catalog
@@ -108,6 +110,7 @@ class Pools:
         self._publisher = publisher
         self._status = status_view
         self._secrets = secrets
+        self._metrics = metrics
         self._finish = finish
         self._fatal = fatal
         self._rng = random.Random()  # noqa: S311  # backoff jitter, not a secret
@@ -310,8 +313,31 @@ class Pools:
             duration_ms=round((finished - started) * 1000, 3),
             error=outcome.error_code,
         )
+        self._count(job, decision, outcome.error_code, finished - started)
         self.completed += 1
         self._finish(entry)
+
+    def _count(self, job: Job, decision: Decision, error_code: str | None, seconds: float) -> None:
+        metrics = self._metrics
+        if metrics is None:
+            return
+        metrics.jobs.labels(job.tenant, job.type, decision.status.value).inc()
+        metrics.job_duration.labels(job.tenant, job.type).observe(seconds)
+        if decision.status is Status.RETRYING:
+            metrics.retries.labels(job.tenant, metrics.error_code(error_code)).inc()
+        dlq = self._settings.topics.dlq
+        if any(record.topic == dlq for record in decision.records):
+            metrics.dlq.labels(DlqReason.MAX_ATTEMPTS_EXCEEDED.value).inc()
+
+    def _node_latency(self, job: Job) -> Callable[[str, float], None] | None:
+        metrics = self._metrics
+        if metrics is None:
+            return None
+
+        def observe(node: str, seconds: float) -> None:
+            metrics.node_latency.labels(job.tenant, metrics.node_name(node)).observe(seconds)
+
+        return observe
 
     async def _run(self, entry: Entry, tenant: Tenant | None, started: float) -> Outcome:
         job = entry.job
@@ -332,7 +358,7 @@ class Pools:
         )
         if secrets is not None:
             ctx = dataclasses.replace(ctx, secrets=secrets)
-        middleware = flow_event_middleware(job)
+        middleware = flow_event_middleware(job, self._node_latency(job))
         entry.in_flow = True
         try:
             outcome = await run_job(ctx, factory, cancel=entry.cancel, middlewares=[middleware])

@@ -13,6 +13,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from gateway.api import ControlApi
 from gateway.catalog import Catalog, load_catalog
+from gateway.collectors import PoolCollector, VaultCollector
 from gateway.control import CancelCommand, ControlListener, PendingCancels
 from gateway.errors import GatewayError
 from gateway.flows import JobTypes, load_job_types
@@ -25,7 +26,7 @@ from gateway.publisher import Publisher
 from gateway.reload import CatalogReloader
 from gateway.settings import KafkaSettings, Settings, TopicSettings
 from gateway.statusview import StatusView
-from gateway.vault import SecretStore
+from gateway.vault import SecretStore, VaultStats
 
 __all__ = ["Gateway", "ReadinessCheck", "ensure_topics", "run_gateway"]
 
@@ -89,6 +90,7 @@ class Gateway:
             publisher=self.publisher,
             status_view=self.status_view,
             secrets=self.secrets,
+            metrics=self.metrics,
             finish=self._finish,
             fatal=self.fail,
         )
@@ -101,8 +103,11 @@ class Gateway:
             history=self.history,
             fatal=self.fail,
             cancels=self.pending_cancels,
+            metrics=self.metrics,
         )
         self.intake.on_assignment(self._update_share)
+        self.metrics.add_collector(PoolCollector(self.pools.snapshot, self.intake.lag))
+        self.metrics.add_collector(VaultCollector(self._vault_stats))
         self.control = ControlListener(
             settings.kafka, settings.topics.control, settings.control.cancel_ttl_s, self._on_cancel
         )
@@ -129,6 +134,10 @@ class Gateway:
         self._stopped = asyncio.Event()
         self._stopping = False
         self.exit_code = 0
+
+    def _vault_stats(self) -> tuple[VaultStats, bool] | None:
+        store = self.secrets
+        return (store.stats, store.available) if store is not None else None
 
     async def _vault_ready(self) -> str | None:
         store = self.secrets
