@@ -190,12 +190,17 @@ def demo(duration: float, no_dashboard: bool, log_dir: Path | None) -> None:
     from gateway.demo import run_demo
 
     settings = _settings()
-    configure_logging("json", "WARNING", "demo")
     directory = log_dir or Path(tempfile.mkdtemp(prefix="gateway-demo-"))
-    try:
-        ok = asyncio.run(
-            run_demo(settings, duration_s=duration, dashboard=not no_dashboard, log_dir=directory)
-        )
-    except GatewayError as exc:
-        raise click.ClickException(str(exc)) from None
+    directory.mkdir(parents=True, exist_ok=True)
+    # The gateway's own log goes to a file, so it does not tear the live view.
+    with (directory / "gateway.log").open("a", encoding="utf-8") as log_file:
+        configure_logging("json", "INFO", "demo", stream=log_file)
+        try:
+            ok = asyncio.run(
+                run_demo(
+                    settings, duration_s=duration, dashboard=not no_dashboard, log_dir=directory
+                )
+            )
+        except GatewayError as exc:
+            raise click.ClickException(str(exc)) from None
     sys.exit(0 if ok else 1)

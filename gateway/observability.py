@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TextIO
 
 from gateway.envelope import Job
 
@@ -59,11 +59,14 @@ class PlainFormatter(logging.Formatter):
         return f"{line} {extras}" if extras else line
 
 
-def configure_logging(fmt: str = "auto", level: str = "INFO", replica: str = "") -> None:
-    """Route every gateway log line to stderr in the chosen format."""
+def configure_logging(
+    fmt: str = "auto", level: str = "INFO", replica: str = "", stream: TextIO | None = None
+) -> None:
+    """Route every gateway log line to `stream` (stderr) in the chosen format."""
     _REPLICA["value"] = replica
-    use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
-    handler = logging.StreamHandler(sys.stderr)
+    stream = stream if stream is not None else sys.stderr
+    use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if use_json else PlainFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

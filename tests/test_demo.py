@@ -10,6 +10,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from gateway.demo import STEPS
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,18 +34,20 @@ def test_demo_runs_and_cleans_up(tmp_path: Path) -> None:
             "demo",
             "--no-dashboard",
             "--duration",
-            "3",
+            "20",
             "--log-dir",
             str(tmp_path),
         ],
         capture_output=True,
         text=True,
-        timeout=150,
+        timeout=240,
         cwd=ROOT,
         check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "every job reached a terminal result" in done.stdout
+    assert "every scenario step happened; every job reached a terminal result" in done.stdout
+    for step in STEPS:
+        assert re.search(rf"\bok[ │|]+{re.escape(step)}[ │|]", done.stdout), step
     assert "malformed_json=1" in done.stdout
     assert "unknown_tenant=1" in done.stdout
     for tenant in ("acme", "globex", "initech"):
