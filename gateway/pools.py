@@ -54,6 +54,12 @@ class PoolFigures:
     completed: int
 
 
+# The least time a job holds a slot (flow start and stop, and the broker's
+# acknowledgement of its records): with `max_concurrency` it bounds how fast a tenant
+# can work off its buffer when its rate does not.
+_MIN_SLOT_HOLD_S = 0.02
+
+
 def limits_for(tenant: Tenant, share: float = 1.0) -> TenantLimits:
     """The scheduler's view of a tenant's quota, scaled to this replica's share."""
     quota = tenant.quota
@@ -129,14 +135,22 @@ class Pools:
 
     def defer_delay_s(self, tenant_id: str) -> float:
         """Book one more deferral and return its delay: the time to work off everything
-        of the tenant that is buffered or already deferred, at its rate, so deferred
-        records come back spread out instead of bouncing off a full buffer."""
+        of the tenant that is buffered or already deferred, so deferred records come back
+        spread out instead of bouncing off a full buffer.
+
+        The pace is the token bucket's rate, but never more than `max_concurrency` slots
+        each held `_MIN_SLOT_HOLD_S` can take: with the rate alone, a tenant limited by
+        concurrency (a rate far above what its slots allow) got the 50 ms floor, and its
+        overflow bounced between a full buffer and `jobs.deferred` every 50 ms for as long
+        as the backlog lasted, taking the gateway's CPU from every tenant.
+        """
         queue = self.scheduler.tenant(tenant_id)
         if queue is None:
             return 1.0
         queue.deferred += 1
         backlog = len(queue.items) + queue.deferred
-        return max(0.05, backlog / queue.bucket.rate)
+        pace = min(queue.bucket.rate, queue.limits.max_concurrency / _MIN_SLOT_HOLD_S)
+        return max(0.05, backlog / pace)
 
     def deferred_returned(self, tenant_id: str) -> None:
         """A deferred record of the tenant came back from `jobs.deferred`."""
