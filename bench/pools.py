@@ -52,7 +52,7 @@ from gateway.services import Tansu
 from gateway.settings import Settings
 
 SLEEP_S = 0.005  # noisy neighbour jobs: `sleep` 5 ms for both tenants
-FLOOD_QUEUED = 2000  # the flood tenant's max_queued
+FLOOD_QUEUED = 2000  # the flood tenant's max_queued (--flood-queued)
 
 
 @dataclass(frozen=True)
@@ -132,10 +132,11 @@ async def _noisy_run(
     flood_jobs: int,
     flood_rate: float,
     max_buffered: int,
+    flood_queued: int,
 ) -> NoisyFigures:
-    flood = {"conc": 64, "rate": flood_rate, "burst": int(flood_rate), "queued": FLOOD_QUEUED}
+    flood = {"conc": 64, "rate": flood_rate, "burst": int(flood_rate), "queued": flood_queued}
     if flood_rate <= 0:  # unthrottled: only the gateway's slots bound the flood
-        flood = {"conc": 256, "queued": FLOOD_QUEUED}
+        flood = {"conc": 256, "queued": flood_queued}
     tenants = catalog_dir(
         {"flood": flood, "steady": {"conc": 8, "rate": 50, "burst": 50, "queued": 200}}
     )
@@ -240,20 +241,21 @@ async def noisy_neighbour(
     sizes: Sizes,
     flood_rate: float,
     max_buffered: int,
+    flood_queued: int,
     systems: tuple[str, ...] = ("gateway", "guide"),
 ) -> bool:
     print(f"\n== noisy neighbour ({machine_note()})")
     rate = "unthrottled" if flood_rate <= 0 else f"{flood_rate:g}/s"
     print(
         f"flood: {sizes.flood_jobs} sleep {SLEEP_S * 1000:g} ms jobs at once (quota {rate}); "
-        f"steady: {sizes.steady_rate:g}/s for {sizes.steady_s:g} s; same 4 partitions"
+        f"steady: {sizes.steady_rate:g}/s for {sizes.steady_s:g} s; same 4 partitions; "
+        f"flood max_queued {flood_queued}, GATEWAY_MAX_BUFFERED {max_buffered}"
     )
     rows: list[tuple[NoisyFigures, NoisyFigures]] = []
     for system in systems:
-        solo = await _noisy_run(tansu, workdir, system, sizes, 0, flood_rate, max_buffered)
-        flooded = await _noisy_run(
-            tansu, workdir, system, sizes, sizes.flood_jobs, flood_rate, max_buffered
-        )
+        args = (flood_rate, max_buffered, flood_queued)
+        solo = await _noisy_run(tansu, workdir, system, sizes, 0, *args)
+        flooded = await _noisy_run(tansu, workdir, system, sizes, sizes.flood_jobs, *args)
         rows.append((solo, flooded))
     header = f"{'system':<22} {'steady alone p50/p99':>21} {'during flood p50/p99/max':>26}"
     header += f" {'bound':>8} {'met':>4} {'flood done/lost/dup':>20} {'flood jobs/s':>12}"
@@ -287,7 +289,7 @@ async def noisy_neighbour(
         if flooded.system == "gateway":
             print(
                 f"  records on jobs.deferred: {flooded.flood_deferred_records} "
-                f"(flood beyond its buffer: {max(0, sizes.flood_jobs - FLOOD_QUEUED)}); intake paused "
+                f"(flood beyond its buffer: {max(0, sizes.flood_jobs - flood_queued)}); intake paused "
                 f"{flooded.pauses} times for {flooded.paused_s:.1f} s in all "
                 f"(alone: {solo.pauses})"
             )
@@ -477,7 +479,13 @@ async def main(args: argparse.Namespace) -> int:
         if args.scenario in ("all", "noisy"):
             systems = ("gateway", "guide") if args.system == "both" else (args.system,)
             results["noisy"] = await noisy_neighbour(
-                tansu, workdir, sizes, args.flood_rate, args.max_buffered, systems
+                tansu,
+                workdir,
+                sizes,
+                args.flood_rate,
+                args.max_buffered,
+                args.flood_queued,
+                systems,
             )
         if args.scenario in ("all", "quota"):
             results["quota"] = await quota_accuracy(tansu, workdir, sizes)
@@ -503,6 +511,12 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=600.0,
         help="the flood tenant's rate_per_s (0: unthrottled, bounded by the gateway's slots)",
+    )
+    parser.add_argument(
+        "--flood-queued",
+        type=int,
+        default=FLOOD_QUEUED,
+        help="the flood tenant's max_queued (beyond it, its jobs go to jobs.deferred)",
     )
     parser.add_argument(
         "--max-buffered",
