@@ -30,11 +30,14 @@ lint: $(DEV_STAMP)
 	$(BIN)/ruff format --check gateway tests bench
 	$(BIN)/mypy gateway
 
+# Benchmarks print their figures; they are never part of `make test`.
 bench: $(DEV_STAMP)
 	$(BIN)/python -m bench.intake
+	$(BIN)/python -m bench.pools
 
 bench-quick: $(DEV_STAMP)
 	$(BIN)/python -m bench.intake --jobs 2000 --sleep-jobs 2000
+	$(BIN)/python -m bench.pools --quick
 
 .PHONY: bench-api
 # GET /v1/jobs/{id} latency while the gateway works through echo jobs (issue 6).

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ctypes
 import json
+import math
+import os
+import re
 import resource
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from gateway.service import ensure_topics
 from gateway.services import Tansu, free_port
@@ -60,7 +70,13 @@ def catalog_dir(tenants: dict[str, dict[str, Any]]) -> Path:
     return directory
 
 
-async def bench_settings(bootstrap: str, tenants_dir: Path, **overrides: Any) -> Settings:
+async def bench_settings(
+    bootstrap: str,
+    tenants_dir: Path,
+    *,
+    kafka_overrides: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> Settings:
     """Fresh topics and group on the broker, tuned as the README recommends for Tansu."""
     prefix = f"b{uuid.uuid4().hex[:8]}"
     topics = TopicSettings(
@@ -69,13 +85,13 @@ async def bench_settings(bootstrap: str, tenants_dir: Path, **overrides: Any) ->
             for name in ("jobs", "results", "status", "control", "retry", "deferred", "dlq")
         }
     )
-    kafka = KafkaSettings(
-        bootstrap_servers=bootstrap,
-        group_id=f"{prefix}-group",
-        fetch_max_wait_ms=50,
-        session_timeout_ms=6000,
-        heartbeat_interval_ms=500,
-    )
+    tuning: dict[str, Any] = {
+        "fetch_max_wait_ms": 50,
+        "session_timeout_ms": 6000,
+        "heartbeat_interval_ms": 500,
+        **(kafka_overrides or {}),
+    }
+    kafka = KafkaSettings(bootstrap_servers=bootstrap, group_id=f"{prefix}-group", **tuning)
     overrides.setdefault("http", {"port": 0})  # a free port, never a fixed one
     settings = Settings(
         kafka=kafka,
@@ -132,3 +148,224 @@ class Measure:
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -- gateways as processes, and what they publish -------------------------------------
+
+
+def gateway_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The GATEWAY_* environment that runs `settings` in `python -m gateway run`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    kafka, topics = settings.kafka, settings.topics
+    env.update(
+        {
+            "GATEWAY_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+            "GATEWAY_KAFKA__GROUP_ID": kafka.group_id,
+            "GATEWAY_KAFKA__FETCH_MAX_WAIT_MS": str(kafka.fetch_max_wait_ms),
+            "GATEWAY_KAFKA__SESSION_TIMEOUT_MS": str(kafka.session_timeout_ms),
+            "GATEWAY_KAFKA__HEARTBEAT_INTERVAL_MS": str(kafka.heartbeat_interval_ms),
+            "GATEWAY_KAFKA__REBALANCE_TIMEOUT_MS": str(kafka.rebalance_timeout_ms),
+            "GATEWAY_KAFKA__PARTITIONS": str(kafka.partitions),
+            "GATEWAY_TENANTS_DIR": str(settings.tenants_dir),
+            "GATEWAY_POLICIES_DIR": str(settings.policies_dir),
+            "GATEWAY_MAX_INFLIGHT": str(settings.max_inflight),
+            "GATEWAY_MAX_BUFFERED": str(settings.max_buffered),
+            "GATEWAY_CATALOG_POLL_S": str(settings.catalog_poll_s),
+            "GATEWAY_LOG_FORMAT": "json",
+            "GATEWAY_HTTP__ENABLED": "false",
+            "GATEWAY_VAULT__ENABLED": "false",
+        }
+    )
+    for name in ("jobs", "results", "status", "control", "retry", "deferred", "dlq"):
+        env[f"GATEWAY_TOPICS__{name.upper()}"] = getattr(topics, name)
+    env.update(extra)
+    return env
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class ChildProcess:
+    """A benchmark subprocess (a gateway or the guide's loop) with its own log file."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.argv = argv
+        self.env = env
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                self.argv,
+                env=self.env,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,  # only prctl, no locks taken
+            )
+
+    def alive(self) -> bool:
+        """Started and not exited."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """SIGTERM, then SIGKILL after `timeout_s`; the exit code (None if killed)."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                return proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+                return None
+        return proc.returncode
+
+    def log_events(self, event: str) -> list[dict[str, Any]]:
+        """JSON log lines of one event, oldest first."""
+        found = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                body = json.loads(line)
+                if isinstance(body, dict) and body.get("event") == event:
+                    found.append(body)
+        return found
+
+
+def gateway_process(settings: Settings, log_path: Path, **env: str) -> ChildProcess:
+    """`python -m gateway run` with `settings`."""
+    return ChildProcess(
+        [sys.executable, "-m", "gateway", "run"], gateway_env(settings, **env), log_path
+    )
+
+
+def assigned_jobs_partitions(process: ChildProcess, jobs_topic: str) -> set[int]:
+    """The `jobs` partitions a gateway owns after its latest rebalance (from its log)."""
+    events = process.log_events("partitions_assigned")
+    if not events:
+        return set()
+    pattern = re.compile(rf"topic='{re.escape(jobs_topic)}', partition=(\d+)")
+    return {int(m) for p in events[-1].get("partitions", []) for m in pattern.findall(p)}
+
+
+def epoch_s(rfc3339: str) -> float:
+    """Seconds since the epoch of an RFC 3339 UTC stamp like 2026-01-02T03:04:05.678Z."""
+    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """One result record as the benchmark saw it arrive."""
+
+    id: str
+    tenant: str
+    status: str
+    partition: int
+    arrived: float  # this process's clock when the consumer handed the record over
+    published: float  # the record's timestamp (the producer's create time)
+    started: float | None  # body started_at / finished_at, when the system reports them
+    finished: float | None
+
+
+class ResultWatcher:
+    """Reads a results topic live from its start and keeps every record's arrival time.
+
+    A short fetch wait (Tansu always waits the full time) keeps the measurement's own
+    delay small; it is the same for every system measured.
+    """
+
+    def __init__(self, bootstrap: str, topic: str, fetch_wait_ms: int = 10) -> None:
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=fetch_wait_ms,
+        )
+        self._topic = topic
+        self.seen: list[Seen] = []
+        self.by_id: dict[str, list[Seen]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._consumer.start()
+        await self._consumer.topics()
+        parts = self._consumer.partitions_for_topic(self._topic) or set()
+        self._consumer.assign([TopicPartition(self._topic, p) for p in parts])
+        self._task = asyncio.create_task(self._read())
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._consumer.stop()
+
+    async def _read(self) -> None:
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=200)
+            arrived = time.time()
+            for records in batches.values():
+                for record in records:
+                    body = json.loads(record.value)
+                    started, finished = body.get("started_at"), body.get("finished_at")
+                    seen = Seen(
+                        id=body["id"],
+                        tenant=body.get("tenant", ""),
+                        status=body.get("status", ""),
+                        partition=record.partition,
+                        arrived=arrived,
+                        published=record.timestamp / 1000,
+                        started=epoch_s(started) if started else None,
+                        finished=epoch_s(finished) if finished else None,
+                    )
+                    self.seen.append(seen)
+                    self.by_id.setdefault(seen.id, []).append(seen)
+
+    def count(self, tenant: str) -> int:
+        """Distinct job ids of a tenant with a result so far."""
+        return len({s.id for s in self.seen if s.tenant == tenant})
+
+    async def wait(
+        self, ids: set[str], timeout_s: float, processes: tuple[ChildProcess, ...] = ()
+    ) -> bool:
+        """Wait (bounded) until every id has a result; False on timeout or when one of
+        `processes` (the systems producing the results) has exited."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if all(i in self.by_id for i in ids):
+                return True
+            if not all(p.alive() for p in processes):
+                return False
+            await asyncio.sleep(0.1)
+        return False
+
+
+def percentile(values: list[float], pct: float) -> float:
+    """Nearest-rank percentile (pct in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(pct / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def max_overlap(intervals: list[tuple[float, float]]) -> int:
+    """Most intervals open at once; an interval ending at t closes before one starting at t."""
+    events = sorted([(s, 1) for s, _ in intervals] + [(f, -1) for _, f in intervals])
+    open_now = peak = 0
+    for _, step in events:
+        open_now += step
+        peak = max(peak, open_now)
+    return peak
+
+
+def machine_note() -> str:
+    """Cores and load averages now (other work shares this machine)."""
+    one, five, fifteen = os.getloadavg()
+    return f"{os.cpu_count()} cores, load average {one:.2f} {five:.2f} {fifteen:.2f}"

@@ -3,7 +3,7 @@
 (a) `echo`: gateway throughput vs a bare loop creating, running and stopping one
     PenguiFlow flow per job without Kafka (the per-job ceiling).
 (b) `sleep` 50 ms: gateway throughput vs the worker loop of the PenguiFlow
-    worker-integration guide (8 workers, one job at a time, commit after each).
+    worker-integration guide (`bench.guide`: 8 workers, one job at a time, commit after each).
 
 Run: .venv/bin/python -m bench.intake [--jobs N]
 """
@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.structs import OffsetAndMetadata
 from penguiflow import Headers, Message, Node, NodePolicy, create
 
 from bench.common import Measure, bench_settings, broker, catalog_dir, peak_rss_mb, produce_jobs
+from bench.guide import GuideLoop
 from gateway.catalog import load_catalog
 from gateway.service import Gateway
 from gateway.settings import Settings
@@ -75,68 +73,25 @@ async def gateway_run(
 
 
 async def guide_worker_loop(settings: Settings, jobs: int, seconds: float) -> tuple[float, float]:
-    """The guide's pattern: 8 workers, one job each at a time, a flow per job, commit after each."""
+    """Jobs/s and CPU ms/job of the guide's worker loop (`bench.guide`) draining `jobs`."""
     await produce_jobs(settings, jobs, "bench", "sleep", {"seconds": seconds})
-    kafka = settings.kafka
-    consumer = AIOKafkaConsumer(
-        settings.topics.jobs,
-        bootstrap_servers=kafka.bootstrap_servers,
-        group_id=kafka.group_id + "-guide",
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        fetch_max_wait_ms=kafka.fetch_max_wait_ms,
-        max_poll_records=1,
+    kafka, topics = settings.kafka, settings.topics
+    loop = GuideLoop(
+        kafka.bootstrap_servers,
+        topics.jobs,
+        topics.results,
+        kafka.group_id + "-guide",
+        kafka.fetch_max_wait_ms,
     )
-    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers, linger_ms=0)
-    await consumer.start()
-    await producer.start()
-    done = 0
-    lock = asyncio.Lock()
-
-    async def sleep_node(message: Message, _: Any) -> Any:
-        await asyncio.sleep(message.payload["seconds"])
-        return message.payload
-
-    async def worker() -> None:
-        nonlocal done
-        while done < jobs:
-            async with lock:  # one fetch at a time, like a queue's fetch()
-                batch = await consumer.getmany(timeout_ms=200, max_records=1)
-            for tp, records in batch.items():
-                for record in records:
-                    body = json.loads(record.value)
-                    trace_id = f"job-{body['id']}"
-                    flow = create(
-                        (Node(sleep_node, name="sleep", policy=NodePolicy(validate="none")), [])
-                    )
-                    flow.run()
-                    try:
-                        message = Message(
-                            payload=body["payload"],
-                            headers=Headers(tenant="bench"),
-                            trace_id=trace_id,
-                        )
-                        await flow.emit(message, trace_id=trace_id)
-                        result = await asyncio.wait_for(flow.fetch(trace_id=trace_id), 300)
-                        await producer.send_and_wait(
-                            settings.topics.results,
-                            json.dumps(getattr(result, "payload", result)).encode(),
-                        )
-                        await consumer.commit({tp: OffsetAndMetadata(record.offset + 1, "")})
-                        done += 1
-                    finally:
-                        await flow.stop()
-
-    while not consumer.assignment():
-        await asyncio.sleep(0.05)
+    await loop.start()
     measure = Measure()
     try:
+        await loop.wait_assigned()
         with measure.window():
-            await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(8))), timeout=600)
+            await asyncio.wait_for(loop.run(lambda: loop.done >= jobs), timeout=600)
     finally:
-        await consumer.stop()
-        await producer.stop()
-    return done / measure.wall_s, measure.cpu_s / max(done, 1) * 1000
+        await loop.stop()
+    return loop.done / measure.wall_s, measure.cpu_s / max(loop.done, 1) * 1000
 
 
 async def main(jobs: int, sleep_jobs: int) -> None:

@@ -61,6 +61,12 @@ class PoolFigures:
     completed: int
 
 
+# The least time a job holds a slot (flow start and stop, and the broker's
+# acknowledgement of its records): with `max_concurrency` it bounds how fast a tenant
+# can work off its buffer when its rate does not.
+_MIN_SLOT_HOLD_S = 0.02
+
+
 def _scrubbed(outcome: Outcome, secrets: JobSecrets | None) -> Outcome:
     """The outcome with any secret value the job received masked in its result and error."""
     values = secrets.handed_out if secrets is not None else frozenset()
@@ -176,14 +182,22 @@ class Pools:
 
     def defer_delay_s(self, tenant_id: str) -> float:
         """Book one more deferral and return its delay: the time to work off everything
-        of the tenant that is buffered or already deferred, at its rate, so deferred
-        records come back spread out instead of bouncing off a full buffer."""
+        of the tenant that is buffered or already deferred, so deferred records come back
+        spread out instead of bouncing off a full buffer.
+
+        The pace is the token bucket's rate, but never more than `max_concurrency` slots
+        each held `_MIN_SLOT_HOLD_S` can take: with the rate alone, a tenant limited by
+        concurrency (a rate far above what its slots allow) got the 50 ms floor, and its
+        overflow bounced between a full buffer and `jobs.deferred` every 50 ms for as long
+        as the backlog lasted, taking the gateway's CPU from every tenant.
+        """
         queue = self.scheduler.tenant(tenant_id)
         if queue is None:
             return 1.0
         queue.deferred += 1
         backlog = len(queue.items) + queue.deferred
-        return max(0.05, backlog / queue.bucket.rate)
+        pace = min(queue.bucket.rate, queue.limits.max_concurrency / _MIN_SLOT_HOLD_S)
+        return max(0.05, backlog / pace)
 
     def deferred_returned(self, tenant_id: str) -> None:
         """A deferred record of the tenant came back from `jobs.deferred`."""

@@ -1,0 +1,146 @@
+"""Measured start rates on a real broker: a hot reload changes the rate, and two
+replicas together keep a tenant near its configured rate.
+
+Rates come from `started_at` in `jobs.results`, as a user would measure them. The
+bounds are generous (a shared 2-core machine); the tight figures are in
+`python -m bench.pools`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.settings import Settings
+
+from conftest import GatewayProcess, JobClient, read_topic, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TENANT = """
+id = "{id}"
+tier = "pro"
+[quota]
+max_concurrency = {conc}
+rate_per_s = {rate}
+burst = {burst}
+max_queued = {queued}
+weight = 1
+[jobs]
+allowed_types = ["echo", "sleep"]
+"""
+
+
+def _epoch(stamp: str) -> float:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+async def _start_times(settings: Settings, tenant: str) -> list[float]:
+    """started_at of every result of `tenant`, sorted (read once the gateways stopped)."""
+    records = await read_topic(settings, settings.topics.results, timeout_s=30)
+    bodies = [json.loads(r.value) for r in records]
+    assert all(b["status"] == "succeeded" for b in bodies)
+    return sorted(_epoch(b["started_at"]) for b in bodies if b["tenant"] == tenant)
+
+
+def _rate(starts: list[float], begin: float, end: float) -> float:
+    return sum(1 for s in starts if begin <= s < end) / (end - begin)
+
+
+async def _first_result(settings: Settings) -> None:
+    await read_topic(settings, settings.topics.results, until=1, timeout_s=60)
+
+
+def _events(process: GatewayProcess, event: str) -> list[dict[str, Any]]:
+    return [line for line in process.log_lines() if line.get("event") == event]
+
+
+def _jobs_partitions(process: GatewayProcess, jobs_topic: str) -> set[int]:
+    """The `jobs` partitions a gateway owns after its latest rebalance, from its log."""
+    assigned = _events(process, "partitions_assigned")
+    if not assigned:
+        return set()
+    pattern = re.compile(rf"topic='{re.escape(jobs_topic)}', partition=(\d+)")
+    return {int(n) for p in assigned[-1]["partitions"] for n in pattern.findall(p)}
+
+
+async def test_hot_reload_changes_the_measured_start_rate(
+    settings: Settings, client: JobClient, gateway_process: Any, tmp_path: Path
+) -> None:
+    tenants = tmp_path / "tenants"
+    tenants.mkdir()
+    path = tenants / "tuned.toml"
+    # The buffer holds the whole backlog: jobs already sent to jobs.deferred keep the
+    # not-before computed at the old rate, which is not what this test measures.
+    path.write_text(TENANT.format(id="tuned", conc=20, rate=5, burst=1, queued=500))
+    configured = settings.model_copy(update={"tenants_dir": tenants})
+    process = gateway_process(configured, "reload", GATEWAY_CATALOG_POLL_S="0")  # SIGHUP only
+    process.start()
+    for n in range(300):
+        await client.job("tuned", f"j{n}", "echo", n=n)
+    await client.flush()
+    await _first_result(configured)
+    await asyncio.sleep(4.5)
+
+    path.write_text(TENANT.format(id="tuned", conc=20, rate=20, burst=1, queued=500))
+    process.signal(signal.SIGHUP)
+    await wait_for(lambda: _events(process, "catalog_reloaded"), 10)
+    reloaded = _events(process, "catalog_reloaded")[0]["ts"]
+    await asyncio.sleep(5.0)
+    process.signal(signal.SIGTERM)
+    assert process.wait(30) == 0
+
+    starts = await _start_times(configured, "tuned")
+    # Skip the first second (the bucket starts full) and half a second around the reload.
+    before = _rate(starts, starts[0] + 1.0, reloaded)
+    after = _rate(starts, reloaded + 0.5, reloaded + 4.5)
+    assert 5 * 0.7 <= before <= 5 * 1.3, f"{before:.1f}/s at 5/s"
+    assert 20 * 0.7 <= after <= 20 * 1.3, f"{after:.1f}/s at 20/s"
+    assert after >= 2.5 * before, (before, after)
+
+
+async def test_two_replicas_share_a_tenant_rate(
+    settings: Settings, client: JobClient, gateway_process: Any, tmp_path: Path
+) -> None:
+    tenants = tmp_path / "tenants"
+    tenants.mkdir()
+    (tenants / "paced.toml").write_text(
+        TENANT.format(id="paced", conc=8, rate=40, burst=4, queued=300)
+    )
+    quick_group = settings.kafka.model_copy(
+        update={"session_timeout_ms": 3000, "heartbeat_interval_ms": 300}
+    )
+    configured = settings.model_copy(update={"tenants_dir": tenants, "kafka": quick_group})
+    replicas = [gateway_process(configured, f"r{n}", GATEWAY_REPLICA=f"r{n}") for n in (1, 2)]
+    for replica in replicas:
+        replica.start()
+    jobs_topic, partitions = configured.topics.jobs, configured.kafka.partitions
+
+    def split() -> bool:
+        owned = [_jobs_partitions(r, jobs_topic) for r in replicas]
+        return all(owned) and sorted(p for o in owned for p in o) == list(range(partitions))
+
+    await wait_for(split, 30)
+    assigned = [_jobs_partitions(r, jobs_topic) for r in replicas]
+    for n in range(600):
+        await client.job("paced", f"p{n}", "sleep", seconds=0.02)
+    await client.flush()
+    await _first_result(configured)
+    await asyncio.sleep(8.0)
+    for replica in replicas:
+        replica.signal(signal.SIGTERM)
+    for replica in replicas:
+        assert replica.wait(30) == 0
+    assert [_jobs_partitions(r, jobs_topic) for r in replicas] == assigned, "rebalanced"
+
+    starts = await _start_times(configured, "paced")
+    total = _rate(starts, starts[0] + 1.0, starts[0] + 7.0)
+    # One replica alone would run at the whole 40/s, both at 80/s without shares.
+    assert 40 * 0.75 <= total <= 40 * 1.25, f"{total:.1f}/s at 40/s across two replicas"
