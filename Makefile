@@ -32,9 +32,11 @@ lint: $(DEV_STAMP)
 
 bench: $(DEV_STAMP)
 	$(BIN)/python -m bench.intake
+	$(BIN)/python -m bench.secrets
 
 bench-quick: $(DEV_STAMP)
 	$(BIN)/python -m bench.intake --jobs 2000 --sleep-jobs 2000
+	$(BIN)/python -m bench.secrets --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
