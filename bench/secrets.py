@@ -28,7 +28,7 @@ Every result is checked: all must be `succeeded`, and every digest must equal th
 SHA-256 of the tenant's secret read with the admin token. Only digests are handled
 here; no secret value is ever printed. Exit status 1 if any job did not succeed.
 
-Run: .venv/bin/python -m bench.secrets [--duration 60] [--rate 500] [--backlog 10000] [--quick]
+Run: .venv/bin/python -m bench.secrets [--duration 60] [--rate 300] [--backlog 10000] [--quick]
 """
 
 from __future__ import annotations
@@ -872,7 +872,7 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
         default=60.0,
         help="seconds per steady phase (0: skip the steady mode)",
     )
-    parser.add_argument("--rate", type=float, default=500.0, help="offered jobs/s in steady mode")
+    parser.add_argument("--rate", type=float, default=300.0, help="offered jobs/s in steady mode")
     parser.add_argument("--tenants", type=int, default=100)
     parser.add_argument("--ttl", type=float, default=300.0, help="cache TTL of the main run")
     parser.add_argument("--short-ttl", type=float, default=10.0, help="cache TTL of the short run")
