@@ -34,10 +34,12 @@ lint: $(DEV_STAMP)
 bench: $(DEV_STAMP)
 	$(BIN)/python -m bench.intake
 	$(BIN)/python -m bench.pools
+	$(BIN)/python -m bench.secrets
 
 bench-quick: $(DEV_STAMP)
 	$(BIN)/python -m bench.intake --jobs 2000 --sleep-jobs 2000
 	$(BIN)/python -m bench.pools --quick
+	$(BIN)/python -m bench.secrets --quick
 
 .PHONY: bench-api
 # GET /v1/jobs/{id} latency while the gateway works through echo jobs (issue 6).
