@@ -20,7 +20,7 @@ from penguiflow import Headers, Message, Node, NodePolicy, create
 from bench.common import Measure, bench_settings, broker, catalog_dir, peak_rss_mb, produce_jobs
 from bench.guide import GuideLoop
 from gateway.catalog import load_catalog
-from gateway.service import Gateway
+from gateway.service import Gateway, tune_gc
 from gateway.settings import Settings
 
 
@@ -58,6 +58,7 @@ async def gateway_run(
     await produce_jobs(settings, jobs, "bench", job_type, payload)
     gateway = Gateway(settings, load_catalog(settings.tenants_dir, settings.policies_dir))
     await gateway.start()
+    tune_gc(settings)  # as `gateway run` does
     try:
         while gateway.pools.completed == 0:  # exclude the group join from the window
             await asyncio.sleep(0.005)

@@ -36,7 +36,7 @@ from rich.live import Live
 from rich.table import Table
 
 from gateway.catalog import Catalog, load_catalog
-from gateway.service import Gateway, ensure_topics
+from gateway.service import Gateway, ensure_topics, tune_gc
 from gateway.services import local_services
 from gateway.settings import Settings
 from gateway.vault_bootstrap import bootstrap_local
@@ -392,6 +392,7 @@ async def run_demo(
         await ensure_topics(kafka, demo_settings.topics)
         gateway = Gateway(demo_settings, catalog)
         await gateway.start()
+        tune_gc(demo_settings)
         base = f"http://{http.host}:{gateway.http_port}"
         console.print(f"control API on {base} (keys: demo-key-acme, -globex, -initech)")
         producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers, linger_ms=5)
