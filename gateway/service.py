@@ -106,8 +106,9 @@ class Gateway:
         # Extra conditions for GET /readyz (e.g. Vault reachable or its cache warm).
         self.readiness_checks: list[ReadinessCheck] = []
         self.http: HttpServer | None = None
+        self.api: ControlApi | None = None
         if settings.http.enabled:
-            api = ControlApi(
+            self.api = api = ControlApi(
                 settings=settings,
                 catalog=self.catalog,
                 job_types=self.job_types,
@@ -197,7 +198,8 @@ class Gateway:
         await self.publisher.start()
         await self.status_view.start()
         await self.control.start()
-        if self.http is not None:
+        if self.http is not None and self.api is not None:
+            self.api.attach(asyncio.get_running_loop())
             await self.http.start()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(
