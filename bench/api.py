@@ -395,6 +395,6 @@ if __name__ == "__main__":
     parser.add_argument("--baseline", type=float, default=10.0, help="seconds without job load")
     parser.add_argument("--rate", type=float, default=500.0, help="GET requests per second")
     parser.add_argument("--jobs-rate", type=float, default=500.0, help="echo jobs per second")
-    parser.add_argument("--connections", type=int, default=8, help="keep-alive connections")
+    parser.add_argument("--connections", type=int, default=32, help="keep-alive connections")
     args = parser.parse_args()
     asyncio.run(main(args.duration, args.baseline, args.rate, args.jobs_rate, args.connections))
