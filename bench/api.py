@@ -101,6 +101,17 @@ class Connection:
         self.reader = self.writer = None
 
 
+def runqueue_wait_s(pid: int) -> float:
+    """Seconds the process's threads spent runnable but waiting for a CPU (schedstat)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e9
+
+
 def gateway_env(settings: Settings) -> dict[str, str]:
     """The GATEWAY_* environment of `settings`, with the HTTP API on a free port."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
@@ -342,6 +353,7 @@ async def main(
 
             load_before = os.getloadavg()
             cpu_before = gateway_ps.cpu_times()
+            waited_before = runqueue_wait_s(proc.pid)
             own_before = time.process_time()
             start_ms = int(time.time() * 1000)
             go.set()
@@ -349,6 +361,7 @@ async def main(
             end_ms = int(time.time() * 1000)
             own_cpu = time.process_time() - own_before
             cpu_after = gateway_ps.cpu_times()
+            waited = runqueue_wait_s(proc.pid) - waited_before
             load_after = os.getloadavg()
             await asyncio.to_thread(producer.join, 30)
         finally:
@@ -376,6 +389,10 @@ async def main(
     )
     print(f"gateway CPU in the baseline window: {idle_cpu * 100:.0f}% of one core")
     print(
+        f"gateway threads runnable but waiting for a CPU in the loaded window: "
+        f"{waited:.1f} s of {window_s:.0f} s"
+    )
+    print(
         f"CPU in the loaded window: gateway {gateway_cpu / window_s * 100:.0f}%, HTTP client "
         f"{own_cpu / window_s * 100:.0f}% of one core; gateway exit code {code}"
     )
@@ -395,6 +412,6 @@ if __name__ == "__main__":
     parser.add_argument("--baseline", type=float, default=10.0, help="seconds without job load")
     parser.add_argument("--rate", type=float, default=500.0, help="GET requests per second")
     parser.add_argument("--jobs-rate", type=float, default=500.0, help="echo jobs per second")
-    parser.add_argument("--connections", type=int, default=8, help="keep-alive connections")
+    parser.add_argument("--connections", type=int, default=32, help="keep-alive connections")
     args = parser.parse_args()
     asyncio.run(main(args.duration, args.baseline, args.rate, args.jobs_rate, args.connections))

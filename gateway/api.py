@@ -5,16 +5,22 @@ never even read. When the caller's lookup misses, the same fixed work follows fo
 every id (one membership test per tenant in the catalog) to learn whether the id
 belongs to someone else; that only decides whether the attempt is audited and
 counted. The answer is one and the same 404 either way (invariant 3).
+
+Handlers run on the HTTP server's own thread and loop (`gateway.httpserver`). They
+read the status view (which locks) and the catalog (an immutable snapshot) directly;
+anything else of the gateway's (the producer, readiness checks) runs on the gateway's
+main loop through `_on_main`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.applications import Starlette
@@ -39,7 +45,11 @@ __all__ = ["ControlApi", "JobSubmission"]
 
 log = logging.getLogger("gateway.api")
 
-Readiness = Callable[[], Awaitable[list[str]]]
+Readiness = Callable[[], Coroutine[Any, Any, list[str]]]
+T = TypeVar("T")
+
+# Bound on the readiness checks as a whole; past it the main loop counts as stuck.
+_READINESS_TIMEOUT_S = 5.0
 
 
 class JobSubmission(BaseModel):
@@ -98,6 +108,17 @@ class ControlApi:
         self._metrics = metrics
         self._readiness = readiness
         self._keys_of: tuple[Catalog | None, tuple[tuple[str, Tenant], ...]] = (None, ())
+        self._main: asyncio.AbstractEventLoop | None = None
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The gateway's main loop, on which the producer and readiness checks run."""
+        self._main = loop
+
+    async def _on_main(self, coro: Coroutine[Any, Any, T]) -> T:
+        main = self._main
+        if main is None or main is asyncio.get_running_loop():
+            return await coro
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, main))
 
     def app(self) -> Starlette:
         """The ASGI application."""
@@ -193,15 +214,20 @@ class ControlApi:
         )
         headers = [("tenant", tenant.id.encode()), ("job-id", job_id.encode())]
         record = OutRecord(self._topics.jobs, job_id.encode(), value, headers)
-        try:
+        seen = JobStatus(tenant.id, job_id, Status.QUEUED, 1, rfc3339(now))
+
+        async def publish() -> None:
             # `queued` is acknowledged before the job exists, so no replica can publish
             # `running` ahead of it on the job's status partition.
             await self._publisher.send([queued])
             await self._publisher.send([record])
+            self._status.observe(seen)
+
+        try:
+            await self._on_main(publish())
         except ProduceError as exc:
             log.warning("submit_failed", extra={"tenant": tenant.id, "error": exc.code})
             return _error(503, "unavailable", "the job could not be queued; try again")
-        self._status.observe(JobStatus(tenant.id, job_id, Status.QUEUED, 1, rfc3339(now)))
         log.info("job_submitted", extra={"tenant": tenant.id, "job_id": job_id})
         return JSONResponse({"id": job_id, "status": Status.QUEUED.value}, status_code=202)
 
@@ -250,7 +276,7 @@ class ControlApi:
             self._topics.control, tenant=tenant.id, job_id=job_id, at=time.time()
         )
         try:
-            await self._publisher.send([command])
+            await self._on_main(self._publisher.send([command]))
         except ProduceError as exc:
             log.warning("cancel_failed", extra={"tenant": tenant.id, "error": exc.code})
             return _error(503, "unavailable", "the cancel could not be sent; try again")
@@ -294,7 +320,10 @@ class ControlApi:
 
     async def readyz(self, _: Request) -> Response:
         """`GET /readyz`: 200 once every readiness check passes, else 503 with reasons."""
-        reasons = await self._readiness()
+        try:
+            reasons = await asyncio.wait_for(self._on_main(self._readiness()), _READINESS_TIMEOUT_S)
+        except TimeoutError:
+            reasons = [f"main loop did not answer within {_READINESS_TIMEOUT_S:g}s"]
         if reasons:
             return JSONResponse({"ready": False, "reasons": reasons}, status_code=503)
         return JSONResponse({"ready": True, "reasons": []})

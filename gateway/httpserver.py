@@ -1,4 +1,10 @@
-"""uvicorn inside the gateway's event loop, with the gateway owning signals and logging."""
+"""uvicorn in a thread of the gateway process, with the gateway owning signals and logging.
+
+The API runs on its own event loop in its own thread: the job loop can have hundreds
+of flows' callbacks ready at once, and an answer that waited for each of its steps
+behind them would take as long as the job work in flight. Handlers reach the gateway's
+state through `ControlApi` (a locked status view, coroutines run on the main loop).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import contextlib
 import logging
 import math
 import socket
+import threading
 from collections.abc import Iterator
 
 import uvicorn
@@ -14,7 +21,6 @@ from starlette.types import ASGIApp
 
 from gateway.errors import ConfigError
 from gateway.settings import HttpSettings
-from gateway.tasks import cancel_and_wait
 
 __all__ = ["HttpServer"]
 
@@ -28,7 +34,8 @@ class _Server(uvicorn.Server):
     def capture_signals(self) -> Iterator[None]:
         # uvicorn would replace the SIGTERM/SIGINT handlers and re-raise the signal when
         # it stops; the gateway handles both itself (service.run_gateway) and stops the
-        # server in its own shutdown order.
+        # server in its own shutdown order. (Off the main thread uvicorn skips this
+        # anyway; the override keeps it so wherever the server runs.)
         yield
 
 
@@ -48,14 +55,22 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _serve(server: _Server, sock: socket.socket) -> None:
+    try:
+        asyncio.run(server.serve(sockets=[sock]))
+    except BaseException as exc:  # uvicorn exits with SystemExit on startup errors
+        log.exception("http_server_failed", extra={"error": type(exc).__name__})
+
+
 class HttpServer:
-    """Serves an ASGI app on settings.host/port (port 0: any free port, see `port`)."""
+    """Serves an ASGI app on settings.host/port (port 0: any free port, see `port`)
+    from a thread with its own event loop."""
 
     def __init__(self, app: ASGIApp, settings: HttpSettings) -> None:
         self.app = app
         self._settings = settings
         self._server: _Server | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._thread: threading.Thread | None = None
         self.port: int | None = None
 
     async def start(self) -> None:
@@ -79,12 +94,17 @@ class HttpServer:
         )
         server = _Server(config)
         self._server = server
-        self._task = asyncio.create_task(server.serve(sockets=[sock]), name="gateway:http")
+        # A daemon thread: a server that ignores the bounded stop cannot hold the exit.
+        self._thread = threading.Thread(
+            target=_serve, args=(server, sock), name="gateway-http", daemon=True
+        )
+        self._thread.start()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _STARTUP_TIMEOUT_S
         while not server.started:
-            if self._task.done() or loop.time() > deadline:
+            if not self._thread.is_alive() or loop.time() > deadline:
                 await self.stop()
+                sock.close()
                 raise ConfigError("HTTP API did not start")
             await asyncio.sleep(0.01)
         self.port = int(sock.getsockname()[1])
@@ -93,12 +113,12 @@ class HttpServer:
     async def stop(self) -> None:
         """Stop accepting, let requests under way finish (bounded), close; idempotent."""
         server, self._server = self._server, None
-        task, self._task = self._task, None
-        if server is None or task is None:
+        thread, self._thread = self._thread, None
+        if server is None or thread is None:
             return
-        server.should_exit = True
-        await asyncio.wait({task}, timeout=self._settings.shutdown_timeout_s + 1.0)
-        if not task.done():
+        server.should_exit = True  # read by the server's own loop every 0.1 s
+        await asyncio.to_thread(thread.join, self._settings.shutdown_timeout_s + 1.0)
+        if thread.is_alive():
             server.force_exit = True
-        await cancel_and_wait(task)
-        log.info("http_stopped")
+            await asyncio.to_thread(thread.join, 2.0)
+        log.info("http_stopped", extra={"clean": not thread.is_alive()})

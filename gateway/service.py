@@ -117,8 +117,9 @@ class Gateway:
         if self.secrets is not None:
             self.readiness_checks.append(self._vault_ready)
         self.http: HttpServer | None = None
+        self.api: ControlApi | None = None
         if settings.http.enabled:
-            api = ControlApi(
+            self.api = api = ControlApi(
                 settings=settings,
                 catalog=self.catalog,
                 job_types=self.job_types,
@@ -222,7 +223,8 @@ class Gateway:
         await self.publisher.start()
         await self.status_view.start()
         await self.control.start()
-        if self.http is not None:
+        if self.http is not None and self.api is not None:
+            self.api.attach(asyncio.get_running_loop())
             await self.http.start()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -36,7 +37,10 @@ class JobStatus:
 
 class StatusView:
     """Reads `jobs.status` (and `jobs.results`, when given) from the beginning, with no
-    group, into bounded memory: statuses by count, result records by total size."""
+    group, into bounded memory: statuses by count, result records by total size.
+
+    Safe to read from another thread (the HTTP API's): every cache access holds a lock.
+    """
 
     def __init__(
         self,
@@ -57,31 +61,38 @@ class StatusView:
             maxsize=max(1, result_cache_bytes), getsizeof=len
         )
         self._keep_results = results_topic is not None and result_cache_bytes > 0
+        self._lock = threading.Lock()
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self.caught_up = asyncio.Event()
 
     def get(self, key: tuple[str, str]) -> JobStatus | None:
         """Latest status of (tenant, job id), if seen."""
-        return self._latest.get(key)
+        with self._lock:
+            return self._latest.get(key)
 
     def knows(self, key: tuple[str, str]) -> bool:
         """Whether (tenant, job id) has been seen, without touching its recency."""
-        return key in self._latest
+        with self._lock:
+            return key in self._latest
 
     def observe(self, status: JobStatus) -> None:
-        """Apply one transition (also called for this replica's own outcomes)."""
+        """Apply one transition (also called for this replica's own outcomes); called on
+        the gateway's main loop only, like everything that writes."""
         key = (status.tenant, status.job_id)
-        current = self._latest.get(key)
-        if current is not None and current.status in TERMINAL and status.status not in TERMINAL:
-            return
-        self._latest[key] = status
+        with self._lock:
+            current = self._latest.get(key)
+            terminal = current is not None and current.status in TERMINAL
+            if terminal and status.status not in TERMINAL:
+                return
+            self._latest[key] = status
         if status.status in TERMINAL:
             self._history.remember(key, status.status)
 
     def result(self, key: tuple[str, str]) -> bytes | None:
         """The `jobs.results` record value of (tenant, job id), while it is cached."""
-        return self._results.get(key)
+        with self._lock:
+            return self._results.get(key)
 
     def observe_result(self, value: bytes | None, status: JobStatus | None = None) -> None:
         """Keep a terminal result record and apply its status; a caller that already
@@ -91,7 +102,7 @@ class StatusView:
             return
         key = (parsed.tenant, parsed.job_id)
         if self._keep_results:
-            with contextlib.suppress(ValueError):  # larger than the whole cache: not kept
+            with self._lock, contextlib.suppress(ValueError):  # over the whole cache: not kept
                 self._results[key] = value
         self.observe(parsed)
 

@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import secrets
+import socket
 import subprocess
 import sys
 import time
@@ -648,3 +649,24 @@ async def test_answers_are_not_held_back_by_delayed_acks(live: Live) -> None:
         timings.append(time.perf_counter() - started)
         assert response.status_code == 200
     assert sorted(timings)[10] < 0.02, timings
+
+
+async def test_api_answers_while_the_job_loop_is_busy(live: Live) -> None:
+    # The API has its own thread and loop: a burst of job work on the gateway's main
+    # loop (here 0.6 s of pure CPU) does not hold answers back until it ends.
+    port = live.gateway.http_port
+    assert port is not None
+
+    def probe() -> float:
+        time.sleep(0.15)  # the burst is under way
+        started = time.perf_counter()
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert conn.recv(64).startswith(b"HTTP/1.1 200")
+        return time.perf_counter() - started
+
+    answered = asyncio.get_running_loop().run_in_executor(None, probe)
+    until = time.perf_counter() + 0.6
+    while time.perf_counter() < until:  # the main loop is blocked, holding the GIL
+        pass
+    assert await answered < 0.3
