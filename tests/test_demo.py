@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -41,6 +42,9 @@ def test_demo_runs_and_cleans_up(tmp_path: Path) -> None:
         timeout=150,
         cwd=ROOT,
         check=False,
+        # A captured run renders for 80 columns, where the summary table (which gained
+        # a throttled column) cuts tenant names short; 120 is an ordinary terminal.
+        env={**os.environ, "COLUMNS": "120"},
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "every job reached a terminal result" in done.stdout
