@@ -113,6 +113,9 @@ class NoisyFigures:
     steady_p99_ms: float
     steady_max_ms: float
     steady_published_p99_ms: float
+    # p99 of each leg, when the system reports started_at/finished_at (the gateway):
+    # send -> start, start -> finish, finish -> result enqueued, enqueued -> seen here
+    steady_legs_p99_ms: tuple[float, float, float, float] | None
     steady_done: int
     steady_sent: int
     flood_done: int = 0
@@ -171,12 +174,22 @@ async def _noisy_run(
     if exited:
         print(f"  {label} EXITED during the run with {code}; log {process.log_path}")
     latencies, published, series = [], [], []
+    legs: list[tuple[float, float, float, float]] = []
     for job_id, at in sent.items():
         if job_id in watcher.by_id:
             first = watcher.by_id[job_id][0]
             latencies.append((first.arrived - at) * 1000)
             published.append((first.published - at) * 1000)
             series.append((at - flood_start, latencies[-1]))
+            if first.started is not None and first.finished is not None:
+                legs.append(
+                    (
+                        (first.started - at) * 1000,
+                        (first.finished - first.started) * 1000,
+                        (first.published - first.finished) * 1000,
+                        (first.arrived - first.published) * 1000,
+                    )
+                )
     if not latencies:
         raise RuntimeError(f"{label}: no result for any of steady's jobs")
     figures = NoisyFigures(
@@ -185,6 +198,16 @@ async def _noisy_run(
         steady_p99_ms=percentile(latencies, 99),
         steady_max_ms=max(latencies),
         steady_published_p99_ms=percentile(published, 99),
+        steady_legs_p99_ms=(
+            (
+                percentile([leg[0] for leg in legs], 99),
+                percentile([leg[1] for leg in legs], 99),
+                percentile([leg[2] for leg in legs], 99),
+                percentile([leg[3] for leg in legs], 99),
+            )
+            if legs
+            else None
+        ),
         steady_done=len(latencies),
         steady_sent=len(sent),
         steady_series=series,
@@ -279,6 +302,13 @@ async def noisy_neighbour(
             f"p99 to the result's publish (record timestamp) alone "
             f"{solo.steady_published_p99_ms:.0f} ms, flood {flooded.steady_published_p99_ms:.0f} ms"
         )
+        for name, figures in (("alone", solo), ("flood", flooded)):
+            if figures.steady_legs_p99_ms is not None:
+                start, run, enqueue, seen = figures.steady_legs_p99_ms
+                print(
+                    f"  p99 by leg {name}: send->start {start:.0f} ms, run {run:.0f} ms, "
+                    f"finish->result enqueued {enqueue:.0f} ms, ->seen here {seen:.0f} ms"
+                )
         buckets: dict[int, list[float]] = {}
         for at, ms in flooded.steady_series:
             buckets.setdefault(int(at // 5) * 5, []).append(ms)
