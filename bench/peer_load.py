@@ -49,21 +49,21 @@ class Sizes:
 
 FULL = Sizes()
 QUICK = Sizes(
-    echo_jobs=2_000,
-    sleep_jobs=2_000,
+    echo_jobs=1_000,
+    sleep_jobs=1_000,
     flood_jobs=2_000,
-    quiet_s=8.0,
-    solo_s=4.0,
-    drain_cap_s=15.0,
+    quiet_s=4.0,
+    solo_s=2.0,
+    drain_cap_s=8.0,
     backlog_timeout_s=60.0,
 )
 SMOKE = Sizes(
     echo_jobs=200,
     sleep_jobs=200,
     guide_divisor=2,
-    flood_jobs=300,
-    quiet_s=2.0,
-    solo_s=1.0,
+    flood_jobs=200,
+    quiet_s=1.0,
+    solo_s=0.5,
     drain_cap_s=10.0,
     backlog_timeout_s=30.0,
 )

@@ -61,9 +61,11 @@ CONCURRENCY = 256  # the gateway's GATEWAY_MAX_INFLIGHT; FastStream, pyrallel an
 PYRALLEL_VENV = ROOT / ".venv-pyrallel"
 RESULTS = ROOT / "bench" / "results"
 
-# The noisy mix's two tenants in the gateway's catalog: the same generous quota each
-# (as a big customer would have), weight 1 each, so only fairness separates them.
-NOISY_QUOTA = {"conc": 128, "rate": 2000.0, "burst": 4000, "queued": 2000, "weight": 1}
+# The noisy mix's tenants in the gateway's catalog, as in the pools benchmark (issue 4):
+# the flood tenant may run 64 at once and start `--flood-rate` jobs/s with 2,000
+# buffered; the quiet one 8 at once, 50/s, 200 buffered. Weight 1 each.
+FLOOD_QUOTA = {"conc": 64, "rate": 600.0, "burst": 600, "queued": 2000, "weight": 1}
+QUIET_QUOTA = {"conc": 8, "rate": 50.0, "burst": 50, "queued": 200, "weight": 1}
 
 
 # -- measuring a system process from outside -----------------------------------------
@@ -215,6 +217,9 @@ class KafkaTarget:
 # -- launching each system -----------------------------------------------------------
 
 
+GATEWAY_ENV_EXTRA: dict[str, str] = {}  # --gateway-env KEY=VALUE, for experiments
+
+
 def _gateway_env(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     kafka, topics = settings.kafka, settings.topics
@@ -238,6 +243,7 @@ def _gateway_env(settings: Settings) -> dict[str, str]:
     )
     for name in ("jobs", "results", "status", "control", "retry", "deferred", "dlq"):
         env[f"GATEWAY_TOPICS__{name.upper()}"] = getattr(topics, name)
+    env.update(GATEWAY_ENV_EXTRA)
     return env
 
 
@@ -314,9 +320,10 @@ def summarise(phase: Phase, duplicates: int = 0) -> PhaseSummary:
 
 
 async def run_kafka_system(
-    system: str, workload: str, sizes: Sizes, bootstrap: str, workdir: Path
+    system: str, workload: str, sizes: Sizes, bootstrap: str, workdir: Path, flood_rate: float
 ) -> list[PhaseSummary]:
-    tenants = catalog_dir({"bench": {}, FLOOD: NOISY_QUOTA, QUIET: NOISY_QUOTA})
+    flood = {**FLOOD_QUOTA, "rate": flood_rate, "burst": max(1, round(flood_rate))}
+    tenants = catalog_dir({"bench": {}, FLOOD: flood, QUIET: QUIET_QUOTA})
     try:
         settings = await bench_settings(bootstrap, tenants, max_inflight=CONCURRENCY)
         argv, env = _argv(system, settings)
@@ -354,7 +361,7 @@ async def run_bare(workload: str, sizes: Sizes, workdir: Path) -> tuple[list[Pha
 
 
 async def run_one(
-    system: str, workload: str, sizes: Sizes, bootstrap: str, workdir: Path
+    system: str, workload: str, sizes: Sizes, bootstrap: str, workdir: Path, flood_rate: float
 ) -> RunResult:
     result = RunResult(system, workload, os.getloadavg())
     started = time.monotonic()
@@ -362,7 +369,9 @@ async def run_one(
         if system == "bare":
             result.phases, result.note = await run_bare(workload, sizes, workdir)
         else:
-            result.phases = await run_kafka_system(system, workload, sizes, bootstrap, workdir)
+            result.phases = await run_kafka_system(
+                system, workload, sizes, bootstrap, workdir, flood_rate
+            )
     except Exception as exc:
         result.error = f"{type(exc).__name__}: {exc}"[:2000]
     result.load_after = os.getloadavg()
@@ -418,14 +427,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     with _workdir(args.keep_logs) as workdir, broker() as tansu:
         for workload in args.workloads:
             for system in (s for s in systems if s not in skipped):
-                result = await run_one(system, workload, sizes, tansu.bootstrap, workdir)
+                result = await run_one(
+                    system, workload, sizes, tansu.bootstrap, workdir, args.flood_rate
+                )
                 results.append(result)
     return {
         "started": started.isoformat(timespec="seconds"),
         "mode": args.mode,
         "sizes": dataclasses.asdict(sizes),
+        "gateway_quotas": {"flood": {**FLOOD_QUOTA, "rate": args.flood_rate}, "quiet": QUIET_QUOTA},
         "machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]},
         "skipped": skipped,
+        "gateway_env_extra": dict(GATEWAY_ENV_EXTRA),
         "runs": [dataclasses.asdict(r) for r in results],
     }
 
@@ -453,6 +466,19 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--flood-jobs", type=int)
     parser.add_argument("--quiet-s", type=float)
     parser.add_argument("--solo-s", type=float)
+    parser.add_argument(
+        "--flood-rate",
+        type=float,
+        default=FLOOD_QUOTA["rate"],
+        help="the flood tenant's rate_per_s in the gateway's catalog (noisy mix)",
+    )
+    parser.add_argument(
+        "--gateway-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra GATEWAY_* setting for the gateway process (repeatable)",
+    )
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument(
         "--markdown",
@@ -469,6 +495,7 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
+    GATEWAY_ENV_EXTRA.update(item.split("=", 1) for item in args.gateway_env)
     logging.basicConfig(level=logging.WARNING)
     report = asyncio.run(run(args))
     args.results_dir.mkdir(parents=True, exist_ok=True)
