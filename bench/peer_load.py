@@ -34,8 +34,11 @@ FLOOD, QUIET, BENCH = "flood", "quiet", "bench"
 class Sizes:
     """How many jobs each workload sends (full run or --quick)."""
 
-    echo_jobs: int = 20_000
+    echo_jobs: int = 10_000
     sleep_jobs: int = 10_000
+    # Backlog workloads run this many rounds over all systems; tables show the median
+    # run and the range, so a load spike from elsewhere on the machine cannot decide.
+    repeats: int = 3
     # The guide's 8-worker loop is 10-100x slower: a smaller backlog keeps its run short.
     guide_divisor: int = 5
     flood_jobs: int = 20_000
@@ -49,6 +52,7 @@ class Sizes:
 
 FULL = Sizes()
 QUICK = Sizes(
+    repeats=1,
     echo_jobs=1_000,
     sleep_jobs=1_000,
     flood_jobs=2_000,
@@ -58,6 +62,7 @@ QUICK = Sizes(
     backlog_timeout_s=60.0,
 )
 SMOKE = Sizes(
+    repeats=1,
     echo_jobs=200,
     sleep_jobs=200,
     guide_divisor=2,

@@ -297,6 +297,7 @@ class RunResult:
     error: str | None = None
     note: str = ""
     took_s: float = 0.0
+    round: int = 1
 
     def phase(self, name: str) -> PhaseSummary | None:
         return next((p for p in self.phases if p.name == name), None)
@@ -426,11 +427,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     results: list[RunResult] = []
     with _workdir(args.keep_logs) as workdir, broker() as tansu:
         for workload in args.workloads:
-            for system in (s for s in systems if s not in skipped):
-                result = await run_one(
-                    system, workload, sizes, tansu.bootstrap, workdir, args.flood_rate
-                )
-                results.append(result)
+            # Rounds over all systems, so a load spike hits one round, not one system.
+            for round_ in range(1 if workload == "noisy" else sizes.repeats):
+                for system in (s for s in systems if s not in skipped):
+                    result = await run_one(
+                        system, workload, sizes, tansu.bootstrap, workdir, args.flood_rate
+                    )
+                    result.round = round_ + 1
+                    results.append(result)
     return {
         "started": started.isoformat(timespec="seconds"),
         "mode": args.mode,
@@ -447,7 +451,7 @@ def _sizes(args: argparse.Namespace) -> Sizes:
     sizes = {"full": FULL, "quick": QUICK, "smoke": SMOKE}[args.mode]
     overrides = {
         name: value
-        for name in ("echo_jobs", "sleep_jobs", "flood_jobs", "quiet_s", "solo_s")
+        for name in ("echo_jobs", "sleep_jobs", "flood_jobs", "quiet_s", "solo_s", "repeats")
         if (value := getattr(args, name)) is not None
     }
     return dataclasses.replace(sizes, **overrides)
@@ -466,6 +470,7 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--flood-jobs", type=int)
     parser.add_argument("--quiet-s", type=float)
     parser.add_argument("--solo-s", type=float)
+    parser.add_argument("--repeats", type=int, help="rounds of the echo and sleep workloads")
     parser.add_argument(
         "--flood-rate",
         type=float,
@@ -490,6 +495,9 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
         "--plots", action=argparse.BooleanOptionalAction, help="write the PNGs (default: full mode)"
     )
     parser.add_argument("--keep-logs", action="store_true")
+    parser.add_argument(
+        "--from-json", type=Path, help="only report: tables and plots from a saved peers.json"
+    )
     return parser.parse_args(argv)
 
 
@@ -497,10 +505,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     GATEWAY_ENV_EXTRA.update(item.split("=", 1) for item in args.gateway_env)
     logging.basicConfig(level=logging.WARNING)
-    report = asyncio.run(run(args))
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    name = "peers.json" if args.mode == "full" else f"peers-{args.mode}.json"
-    (args.results_dir / name).write_text(json.dumps(report, indent=1))
+    if args.from_json is not None:
+        report = json.loads(args.from_json.read_text())
+        args.mode = report["mode"]
+    else:
+        report = asyncio.run(run(args))
+        args.results_dir.mkdir(parents=True, exist_ok=True)
+        name = "peers.json" if args.mode == "full" else f"peers-{args.mode}.json"
+        (args.results_dir / name).write_text(json.dumps(report, indent=1))
     from bench import peer_report  # matplotlib is imported only to report
 
     full = args.mode == "full"
