@@ -35,7 +35,7 @@ class Sizes:
     """How many jobs each workload sends (full run or --quick)."""
 
     echo_jobs: int = 10_000
-    sleep_jobs: int = 10_000
+    sleep_jobs: int = 6_000
     # Backlog workloads run this many rounds over all systems; tables show the median
     # run and the range, so a load spike from elsewhere on the machine cannot decide.
     repeats: int = 3
@@ -44,9 +44,9 @@ class Sizes:
     flood_jobs: int = 20_000
     quiet_rate: float = 10.0
     quiet_s: float = 30.0
-    solo_s: float = 20.0
+    solo_s: float = 15.0
     # How long after the quiet tenant's last send the flood phase may still run.
-    drain_cap_s: float = 45.0
+    drain_cap_s: float = 30.0
     backlog_timeout_s: float = 240.0
 
 
