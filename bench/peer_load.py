@@ -55,10 +55,10 @@ QUICK = Sizes(
     repeats=1,
     echo_jobs=1_000,
     sleep_jobs=1_000,
-    flood_jobs=2_000,
-    quiet_s=4.0,
-    solo_s=2.0,
-    drain_cap_s=8.0,
+    flood_jobs=1_500,
+    quiet_s=3.0,
+    solo_s=1.5,
+    drain_cap_s=6.0,
     backlog_timeout_s=60.0,
 )
 SMOKE = Sizes(

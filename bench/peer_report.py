@@ -326,7 +326,7 @@ def plot(report: dict[str, Any], results_dir: Path) -> list[Path]:
     }
     names = {k: v.replace("**", "") for k, v in LABELS.items()}
 
-    fig, ax = plt.subplots(figsize=(10, 5))
+    fig, ax = plt.subplots(figsize=(10, 5.5))
     width = 0.8 / max(1, len(systems))
     for i, system in enumerate(systems):
         xs = [w + (i - (len(systems) - 1) / 2) * width for w in range(len(workloads))]
@@ -353,7 +353,7 @@ def plot(report: dict[str, Any], results_dir: Path) -> list[Path]:
     ax.set_title(
         f"Throughput per system and workload ({report['mode']} run, {report['started'][:10]})"
     )
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3)
     fig.tight_layout()
     paths = [results_dir / THROUGHPUT_PNG]
     fig.savefig(paths[0], dpi=110)
@@ -402,8 +402,11 @@ def plot(report: dict[str, Any], results_dir: Path) -> list[Path]:
 def report(data: dict[str, Any], *, results_dir: Path, markdown: Path | None, plots: bool) -> None:
     """Print the tables; write the plots and the BENCHMARKS.md section when asked."""
     section = markdown_section(data)
+    shown = [line for line in section.splitlines() if line not in (BEGIN, END)]
+    if not plots:
+        shown = [line for line in shown if not line.startswith("![")]
     print()
-    print(section.replace(BEGIN, "").replace(END, "").strip())
+    print("\n".join(shown).strip())
     if plots:
         for path in plot(data, results_dir):
             print(f"wrote {path}")
