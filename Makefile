@@ -4,8 +4,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
+# Benchmarks against peers get their own venvs, so their packages never touch the runtime lock.
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
+PYRALLEL_VENV := .venv-pyrallel
+PYRALLEL_STAMP := $(PYRALLEL_VENV)/.installed
+# pyrallel-consumer needs Python >= 3.12: a working python3.12 on PATH, else pyenv's newest 3.12
+# (a pyenv shim on PATH may not run, so each candidate is tried).
+PYTHON312 ?= $(shell for p in python3.12 $$(ls -d $$(pyenv root 2>/dev/null || echo $$HOME/.pyenv)/versions/3.12*/bin/python3.12 2>/dev/null | sort -rV); do $$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && { command -v $$p; break; }; done)
 
-.PHONY: demo test lint typecheck bench bench-quick clean
+.PHONY: demo test lint typecheck bench bench-quick bench-env clean
 
 $(STAMP): requirements/runtime.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +27,32 @@ $(DEV_STAMP): $(STAMP) requirements/dev.txt
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements/dev.txt
 	touch $@
 
+# The gateway's pinned runtime and dev sets plus requirements/bench.txt (FastStream,
+# matplotlib), all --no-deps: the same pins as .venv, with the bench packages on top.
+$(BENCH_STAMP): requirements/runtime.txt requirements/dev.txt requirements/bench.txt pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install --quiet --no-deps -r requirements/runtime.txt -r requirements/dev.txt -r requirements/bench.txt
+	$(BENCH_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	touch $@
+
+# Optional: when it cannot be built, .venv-pyrallel.failed says why, the benchmark
+# reports pyrallel-consumer as not installed, and the next `make bench` tries again.
+$(PYRALLEL_STAMP): requirements/bench-pyrallel.txt
+	@rm -f .venv-pyrallel.failed
+	@if [ -z "$(PYTHON312)" ]; then \
+		echo "no Python 3.12 (python3.12 on PATH or under pyenv)" > .venv-pyrallel.failed; \
+	elif ( $(PYTHON312) -m venv $(PYRALLEL_VENV) && \
+		$(PYRALLEL_VENV)/bin/python -m pip install --quiet --no-deps -r requirements/bench-pyrallel.txt \
+		) > .venv-pyrallel.log 2>&1; then \
+		touch $@; \
+	else \
+		tail -n 5 .venv-pyrallel.log > .venv-pyrallel.failed; \
+		echo "pyrallel-consumer did not install; see .venv-pyrallel.failed"; \
+	fi
+
+bench-env: $(BENCH_STAMP) $(PYRALLEL_STAMP)
+
 demo: $(DEV_STAMP)
 	$(BIN)/gateway demo
 
@@ -31,15 +65,17 @@ lint: $(DEV_STAMP)
 	$(BIN)/mypy gateway
 
 # Benchmarks print their figures; they are never part of `make test`.
-bench: $(DEV_STAMP)
+bench: $(DEV_STAMP) bench-env
 	$(BIN)/python -m bench.intake
 	$(BIN)/python -m bench.pools
 	$(BIN)/python -m bench.secrets
+	$(BENCH_VENV)/bin/python -m bench.peers
 
-bench-quick: $(DEV_STAMP)
+bench-quick: $(DEV_STAMP) bench-env
 	$(BIN)/python -m bench.intake --jobs 2000 --sleep-jobs 2000
 	$(BIN)/python -m bench.pools --quick
 	$(BIN)/python -m bench.secrets --quick
+	$(BENCH_VENV)/bin/python -m bench.peers --quick
 
 .PHONY: bench-api
 # GET /v1/jobs/{id} latency while the gateway works through echo jobs (issue 6).
@@ -47,4 +83,4 @@ bench-api: $(DEV_STAMP)
 	$(BIN)/python -m bench.api
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) $(PYRALLEL_VENV) .venv-pyrallel.failed .venv-pyrallel.log .pytest_cache .mypy_cache .ruff_cache
