@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -33,6 +35,9 @@ from gateway.tasks import cancel_and_wait
 __all__ = ["Intake"]
 
 log = logging.getLogger("gateway.intake")
+
+# Records per produce round of the side outbox (DLQ, deferrals, cancels).
+_OUTBOX_BATCH = 1000
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
@@ -77,7 +82,14 @@ class Intake:
         self._delays: DelayQueue[Entry] = DelayQueue(self._due)
         self._consumer: AIOKafkaConsumer | None = None
         self._commit_lock = asyncio.Lock()
+        # DLQ, deferral and cancel records wait here for one sender task: thousands of
+        # concurrent senders make aiokafka's accumulator wake every waiter per batch.
+        self._outbox: deque[tuple[list[OutRecord], list[Ticket]]] = deque()
+        self._outbox_wake = asyncio.Event()
+        self._outbox_idle = asyncio.Event()
+        self._outbox_idle.set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._delayed_paused: set[TopicPartition] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._commit_task: asyncio.Task[None] | None = None
         self._assigned: set[TopicPartition] = set()
@@ -131,9 +143,9 @@ class Intake:
         await self._delays.stop()
 
     async def drain_side_tasks(self, timeout_s: float) -> None:
-        """Wait (bounded) for DLQ and deferral publishes already under way."""
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        """Wait (bounded) for DLQ, deferral and cancel publishes already queued."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._outbox_idle.wait(), timeout_s)
 
     async def close(self) -> None:
         """Commit what is finished and leave the group; idempotent."""
@@ -171,14 +183,30 @@ class Intake:
             self._backpressure(consumer, max_buffered)
 
     def _backpressure(self, consumer: AIOKafkaConsumer, max_buffered: int) -> None:
-        # Last resort only: tenants' own buffers overflow to jobs.deferred long before.
-        outstanding = self.tracker.in_flight()
+        """Two bounds, both a last resort (tenants' buffers overflow to jobs.deferred first).
+
+        Records waiting for their `not-before` (retries, deferrals) are cheap to hold but
+        can pile up behind a flood: past `max_buffered` of them, only jobs.retry and
+        jobs.deferred are paused, so fresh jobs of every other tenant keep flowing. Every
+        other record counts against `max_buffered` on its own; past it, everything pauses.
+        """
+        held = len(self._delays)
+        delayed_tps = {tp for tp in self._assigned if tp.topic in self._delayed_topics}
+        if not self._delayed_paused and held >= max_buffered and delayed_tps:
+            consumer.pause(*delayed_tps)
+            self._delayed_paused = delayed_tps
+            log.warning("delayed_intake_paused", extra={"held": held})
+        elif self._delayed_paused and held < max_buffered * 0.8:
+            consumer.resume(*(self._delayed_paused & self._assigned))
+            self._delayed_paused = set()
+            log.info("delayed_intake_resumed", extra={"held": held})
+        outstanding = self.tracker.in_flight() - held
         if not self._paused and outstanding >= max_buffered:
             consumer.pause(*self._assigned)
             self._paused = True
             log.warning("intake_paused", extra={"outstanding": outstanding})
         elif self._paused and outstanding < max_buffered * 0.8:
-            consumer.resume(*self._assigned)
+            consumer.resume(*(self._assigned - self._delayed_paused))
             self._paused = False
             log.info("intake_resumed", extra={"outstanding": outstanding})
 
@@ -267,7 +295,7 @@ class Intake:
         if self._metrics is not None:
             self._metrics.jobs.labels(job.tenant, job.type, Status.CANCELLED.value).inc()
         tickets = [t for e in entries for t in (e.ticket, *e.followers)]
-        self._spawn(self._publish_then_finish(records, tickets))
+        self._publish_then_finish(records, tickets)
 
     # -- outcomes that do not run a flow ---------------------------------------
 
@@ -286,7 +314,7 @@ class Intake:
         if self._metrics is not None:
             self._metrics.dlq.labels(rejection.reason.value).inc()
         records = rejection_records(rejection, topics=self._settings.topics, at=time.time())
-        self._spawn(self._publish_then_finish(records, [ticket]))
+        self._publish_then_finish(records, [ticket])
 
     def _defer(self, entry: Entry) -> None:
         job = entry.job
@@ -320,20 +348,42 @@ class Intake:
             ),
         ]
         job_log(log, logging.DEBUG, "job_deferred", job, delay_s=round(delay, 3))
-        self._spawn(self._publish_then_finish(records, [entry.ticket, *entry.followers]))
+        self._publish_then_finish(records, [entry.ticket, *entry.followers])
 
-    async def _publish_then_finish(self, records: list[OutRecord], tickets: list[Ticket]) -> None:
-        try:
-            await self._publisher.send(records)
-        except ProduceError as exc:
-            log.exception("outcome_not_recorded", extra={"error": exc.code})
-            self._fatal(exc)
-            return
-        for ticket in tickets:
-            self._finish_ticket(ticket)
+    def _publish_then_finish(self, records: list[OutRecord], tickets: list[Ticket]) -> None:
+        """Queue records for the sender; their tickets finish once the broker has them."""
+        self._outbox.append((records, tickets))
+        self._outbox_idle.clear()
+        self._outbox_wake.set()
+        if not any(t.get_name() == "gateway:outbox" for t in self._tasks):
+            self._spawn(self._send_outbox(), name="gateway:outbox")
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
+    async def _send_outbox(self) -> None:
+        outbox = self._outbox
+        while True:
+            if not outbox:
+                self._outbox_idle.set()
+                self._outbox_wake.clear()
+                await self._outbox_wake.wait()
+                continue
+            batch: list[tuple[list[OutRecord], list[Ticket]]] = []
+            count = 0
+            while outbox and count < _OUTBOX_BATCH:
+                item = outbox.popleft()
+                batch.append(item)
+                count += len(item[0])
+            try:
+                await self._publisher.send([r for records, _ in batch for r in records])
+            except ProduceError as exc:
+                log.error("outcome_not_recorded", extra={"error": exc.code})
+                self._fatal(exc)
+                return
+            for _, tickets in batch:
+                for ticket in tickets:
+                    self._finish_ticket(ticket)
+
+    def _spawn(self, coro: Any, name: str | None = None) -> None:
+        task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -398,6 +448,7 @@ class Intake:
         if not revoked:
             return
         self._assigned -= revoked
+        self._delayed_paused -= revoked
         self._delays.remove(lambda e: e.partition in revoked)
         grace = min(self._settings.shutdown_grace_s, self._settings.kafka.session_timeout_ms / 2000)
         await self._pools.revoke(set(revoked), grace)
@@ -413,6 +464,10 @@ class Intake:
         self._assigned |= assigned
         if self._paused and self._consumer is not None:
             self._consumer.pause(*assigned)
+        elif self._delayed_paused and self._consumer is not None:
+            delayed = {tp for tp in assigned if tp.topic in self._delayed_topics}
+            self._consumer.pause(*delayed)
+            self._delayed_paused |= delayed
         if self._on_assignment is not None:
             self._on_assignment(set(self._assigned))
         log.info("partitions_assigned", extra={"partitions": sorted(map(str, self._assigned))})

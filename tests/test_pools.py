@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -118,3 +119,45 @@ async def test_overflow_of_a_concurrency_bound_tenant_comes_back_paced(
     # A few deferrals per overflowing record (they come back in clumps and some find the
     # buffer full again); the 50 ms floor gave about 50 each.
     assert len(deferred) <= 10 * overflow, f"{len(deferred)} deferrals for {overflow} overflowing"
+
+
+async def test_held_deferrals_pause_only_the_delayed_topics(
+    settings: Settings, client: JobClient, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A flood far beyond its buffer fills the timer heap with deferred records. Past the
+    # memory bound only jobs.retry/jobs.deferred may pause: the quiet tenant's fresh jobs
+    # on `jobs` keep being fetched and start within its own quota's delay.
+    tenants = tmp_path / "tenants"
+    tenants.mkdir()
+    (tenants / "flood.toml").write_text(
+        TENANT.format(id="flood", conc=16, rate=300, burst=10, queued=20)
+    )
+    (tenants / "quiet.toml").write_text(
+        TENANT.format(id="quiet", conc=4, rate=50, burst=5, queued=50)
+    )
+    configured = settings.model_copy(update={"tenants_dir": tenants, "max_buffered": 600})
+    gateway = Gateway(configured, load_catalog(tenants, configured.policies_dir))
+    await gateway.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="gateway.intake"):
+            for n in range(3000):
+                await client.job("flood", f"f{n}", "echo", n=n)
+            await client.flush()
+            await asyncio.sleep(1.5)  # deferrals written and read back by now
+            sent: dict[str, float] = {}
+            for n in range(10):
+                sent[f"q{n}"] = time.time()
+                await client.job("quiet", f"q{n}", "echo", n=n)
+                await client.flush()
+                await asyncio.sleep(0.2)
+            records = await read_topic(
+                settings, settings.topics.results, until=3010, timeout_s=90, settle_s=0.3
+            )
+    finally:
+        await gateway.stop()
+    by_id = {json.loads(r.value)["id"]: r.timestamp / 1000 for r in records}
+    assert {f"f{n}" for n in range(3000)} <= set(by_id), "flood jobs lost"
+    delays = sorted(by_id[j] - t for j, t in sent.items())
+    events = [r.getMessage() for r in caplog.records if r.name == "gateway.intake"]
+    assert delays[-1] < 1.5, (delays, events)
+    assert "delayed_intake_paused" in events
