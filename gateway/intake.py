@@ -230,8 +230,6 @@ class Intake:
             self._reject(parsed, ticket)
             return
         entry = Entry(job=parsed, ticket=ticket, partition=tp)
-        if record.topic == self._settings.topics.deferred:
-            self._pools.deferred_returned(parsed.tenant)
         not_before = parsed.not_before_ms
         if (
             not_before is not None
@@ -247,8 +245,15 @@ class Intake:
         if entry.partition in self._assigned:
             self._admit(entry)
 
+    def _back_from_deferral(self, entry: Entry) -> None:
+        # Counted when due, not when read back: the tenant's deferred backlog paces
+        # further deferrals, and records read early but still waiting are part of it.
+        if entry.job.source.topic == self._settings.topics.deferred:
+            self._pools.deferred_returned(entry.job.tenant)
+
     def _admit(self, entry: Entry) -> None:
         job = entry.job
+        self._back_from_deferral(entry)
         if self._history.get(job.key) is not None:
             job_log(log, logging.INFO, "duplicate_skipped", job)
             self._finish_ticket(entry.ticket)
@@ -282,6 +287,8 @@ class Intake:
             self._finish_cancelled([entry], "queued")
             return "queued"
         held = self._delays.remove(lambda e: e.job.key == key)
+        for entry in held:
+            self._back_from_deferral(entry)
         if held:
             self._finish_cancelled(held, "delayed")
             return "delayed"
@@ -449,7 +456,8 @@ class Intake:
             return
         self._assigned -= revoked
         self._delayed_paused -= revoked
-        self._delays.remove(lambda e: e.partition in revoked)
+        for entry in self._delays.remove(lambda e: e.partition in revoked):
+            self._back_from_deferral(entry)
         grace = min(self._settings.shutdown_grace_s, self._settings.kafka.session_timeout_ms / 2000)
         await self._pools.revoke(set(revoked), grace)
         await self.commit(set(revoked))
