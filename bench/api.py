@@ -112,6 +112,10 @@ def runqueue_wait_s(pid: int) -> float:
     return total / 1e9
 
 
+# From --gateway-env: settings to try on the gateway under test.
+GATEWAY_ENV: dict[str, str] = {}
+
+
 def gateway_env(settings: Settings) -> dict[str, str]:
     """The GATEWAY_* environment of `settings`, with the HTTP API on a free port."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
@@ -138,6 +142,7 @@ async def start_gateway(settings: Settings, log_path: Path) -> tuple[Process, in
     env = gateway_env(settings)
     port = free_port()
     env["GATEWAY_HTTP__PORT"] = str(port)
+    env.update(GATEWAY_ENV)
     profile = os.environ.get("BENCH_PROFILE")  # a cProfile output path, to find hot spots
     argv = ["-m", "cProfile", "-o", profile] if profile else []
     with log_path.open("ab") as log:
@@ -413,5 +418,13 @@ if __name__ == "__main__":
     parser.add_argument("--rate", type=float, default=500.0, help="GET requests per second")
     parser.add_argument("--jobs-rate", type=float, default=500.0, help="echo jobs per second")
     parser.add_argument("--connections", type=int, default=32, help="keep-alive connections")
+    parser.add_argument(
+        "--gateway-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra GATEWAY_* setting for the gateway under test (repeatable)",
+    )
     args = parser.parse_args()
+    GATEWAY_ENV.update(item.split("=", 1) for item in args.gateway_env)
     asyncio.run(main(args.duration, args.baseline, args.rate, args.jobs_rate, args.connections))
