@@ -7,7 +7,6 @@ the job is cancelled when it arrives here instead of starting.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -16,13 +15,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaError
 from cachetools import TTLCache
 
 from gateway.envelope import header_value
 from gateway.settings import KafkaSettings
-from gateway.tasks import cancel_and_wait
+from gateway.topicreader import Batches, TopicReader
 
 __all__ = ["CancelCommand", "ControlListener", "PendingCancels", "parse_control"]
 
@@ -105,64 +102,32 @@ class ControlListener:
         ttl_s: float,
         on_cancel: Callable[[CancelCommand], None],
     ) -> None:
-        self._settings = settings
-        self._topic = topic
         self._ttl_s = ttl_s
         self._on_cancel = on_cancel
-        self._consumer: AIOKafkaConsumer | None = None
-        self._task: asyncio.Task[None] | None = None
-        self.caught_up = asyncio.Event()
+        self._reader = TopicReader(
+            settings, [topic], name="control", handle=self._apply, max_records=1000, logger=log
+        )
+        self.caught_up = self._reader.caught_up
 
     async def start(self) -> None:
         """Assign every partition of the topic and begin reading."""
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._settings.bootstrap_servers,
-            client_id=f"{self._settings.client_id}-control",
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            fetch_max_wait_ms=self._settings.fetch_max_wait_ms,
-            request_timeout_ms=self._settings.request_timeout_ms,
-        )
-        await consumer.start()
-        self._consumer = consumer
-        await consumer.topics()
-        partitions = consumer.partitions_for_topic(self._topic) or set()
-        tps = [TopicPartition(self._topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        self._task = asyncio.create_task(self._run(), name="gateway:control")
+        await self._reader.start()
 
     async def stop(self) -> None:
         """Stop reading; idempotent."""
-        task, self._task = self._task, None
-        await cancel_and_wait(task)
-        consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            await consumer.stop()
+        await self._reader.stop()
 
-    async def _run(self) -> None:
-        consumer = self._consumer
-        assert consumer is not None
-        while True:
-            try:
-                batches = await consumer.getmany(timeout_ms=500, max_records=1000)
-            except KafkaError as exc:
-                log.warning("control_fetch_failed", extra={"error": type(exc).__name__})
-                await asyncio.sleep(1.0)
-                continue
-            if not batches:
-                self.caught_up.set()
-            oldest = time.time() - self._ttl_s
-            for records in batches.values():
-                for record in records:
-                    command = parse_control(
-                        record.value, tuple(record.headers or ()), record.timestamp or 0
+    def _apply(self, batches: Batches) -> None:
+        oldest = time.time() - self._ttl_s
+        for records in batches.values():
+            for record in records:
+                command = parse_control(
+                    record.value, tuple(record.headers or ()), record.timestamp or 0
+                )
+                if command is None:
+                    log.warning(
+                        "control_record_ignored",
+                        extra={"partition": record.partition, "offset": record.offset},
                     )
-                    if command is None:
-                        log.warning(
-                            "control_record_ignored",
-                            extra={"partition": record.partition, "offset": record.offset},
-                        )
-                    elif command.requested_at >= oldest:
-                        self._on_cancel(command)
+                elif command.requested_at >= oldest:
+                    self._on_cancel(command)

@@ -3,21 +3,18 @@ result record of terminal jobs (for `GET /v1/jobs/{id}`), and recent terminal id
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
 import threading
 from dataclasses import dataclass
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaError
 from cachetools import LRUCache
 
 from gateway.history import TerminalHistory
 from gateway.records import TERMINAL, Status
 from gateway.settings import KafkaSettings
-from gateway.tasks import cancel_and_wait
+from gateway.topicreader import Batches, TopicReader
 
 __all__ = ["JobStatus", "StatusView"]
 
@@ -52,8 +49,6 @@ class StatusView:
         results_topic: str | None = None,
         result_cache_bytes: int = 0,
     ) -> None:
-        self._settings = settings
-        self._topic = topic
         self._results_topic = results_topic
         self._history = history
         self._latest: LRUCache[tuple[str, str], JobStatus] = LRUCache(maxsize=maxsize)
@@ -62,9 +57,11 @@ class StatusView:
         )
         self._keep_results = results_topic is not None and result_cache_bytes > 0
         self._lock = threading.Lock()
-        self._consumer: AIOKafkaConsumer | None = None
-        self._task: asyncio.Task[None] | None = None
-        self.caught_up = asyncio.Event()
+        topics = [topic] if results_topic is None else [topic, results_topic]
+        self._reader = TopicReader(
+            settings, topics, name="status", handle=self._apply, max_records=2000, logger=log
+        )
+        self.caught_up = self._reader.caught_up
 
     def get(self, key: tuple[str, str]) -> JobStatus | None:
         """Latest status of (tenant, job id), if seen."""
@@ -107,62 +104,23 @@ class StatusView:
         self.observe(parsed)
 
     async def start(self) -> None:
-        """Assign every partition of the topic and begin reading from the start."""
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._settings.bootstrap_servers,
-            client_id=f"{self._settings.client_id}-status",
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            fetch_max_wait_ms=self._settings.fetch_max_wait_ms,
-            request_timeout_ms=self._settings.request_timeout_ms,
-        )
-        await consumer.start()
-        self._consumer = consumer
-        await consumer.topics()  # loads metadata for every topic
-        topics = [self._topic]
-        if self._results_topic is not None:
-            topics.append(self._results_topic)
-        tps = [
-            TopicPartition(topic, p)
-            for topic in topics
-            for p in sorted(consumer.partitions_for_topic(topic) or set())
-        ]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        self._task = asyncio.create_task(self._run(), name="gateway:status-view")
+        """Assign every partition of the topics and begin reading from the start."""
+        await self._reader.start()
 
     async def stop(self) -> None:
         """Stop reading; idempotent."""
-        task, self._task = self._task, None
-        await cancel_and_wait(task)
-        consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            await consumer.stop()
+        await self._reader.stop()
 
-    async def _run(self) -> None:
-        consumer = self._consumer
-        assert consumer is not None
-        while True:
-            try:
-                batches = await consumer.getmany(timeout_ms=500, max_records=2000)
-            except KafkaError as exc:
-                log.warning("status_fetch_failed", extra={"error": type(exc).__name__})
-                await asyncio.sleep(1.0)
-                continue
-            if not batches:
-                # A poll with nothing new: everything already on the topic is read.
-                # (Log-end offsets from ListOffsets are not reliable on every broker.)
-                self.caught_up.set()
-            for tp, records in batches.items():
-                if tp.topic == self._results_topic:
-                    for record in records:
-                        self.observe_result(record.value)
-                    continue
+    def _apply(self, batches: Batches) -> None:
+        for tp, records in batches.items():
+            if tp.topic == self._results_topic:
                 for record in records:
-                    parsed = _parse(record.value)
-                    if parsed is not None:
-                        self.observe(parsed)
+                    self.observe_result(record.value)
+                continue
+            for record in records:
+                parsed = _parse(record.value)
+                if parsed is not None:
+                    self.observe(parsed)
 
 
 def _parse(value: bytes | None) -> JobStatus | None:

@@ -1,0 +1,91 @@
+"""A group-less reader of whole topics, from their beginning, for views every replica keeps."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from gateway.settings import KafkaSettings
+from gateway.tasks import cancel_and_wait
+
+__all__ = ["TopicReader"]
+
+Batches = dict[TopicPartition, list[Any]]
+
+
+class TopicReader:
+    """Assigns every partition of `topics`, reads them from the start, and hands each
+    fetched batch to `handle`.
+
+    `caught_up` is set at the first poll that returns nothing: everything already on the
+    topics has been read. (Log-end offsets from ListOffsets are not reliable on every
+    broker, Tansu's among them.)
+    """
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        topics: Sequence[str],
+        *,
+        name: str,
+        handle: Callable[[Batches], None],
+        max_records: int,
+        logger: logging.Logger,
+    ) -> None:
+        self._settings = settings
+        self._topics = tuple(topics)
+        self._name = name
+        self._handle = handle
+        self._max_records = max_records
+        self._log = logger
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.caught_up = asyncio.Event()
+
+    async def start(self) -> None:
+        """Assign every partition of the topics and begin reading from the start."""
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._settings.bootstrap_servers,
+            client_id=f"{self._settings.client_id}-{self._name}",
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=self._settings.fetch_max_wait_ms,
+            request_timeout_ms=self._settings.request_timeout_ms,
+        )
+        await consumer.start()
+        self._consumer = consumer
+        await consumer.topics()  # loads metadata for every topic
+        tps = [
+            TopicPartition(topic, p)
+            for topic in self._topics
+            for p in sorted(consumer.partitions_for_topic(topic) or set())
+        ]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        self._task = asyncio.create_task(self._run(consumer), name=f"gateway:{self._name}")
+
+    async def stop(self) -> None:
+        """Stop reading; idempotent."""
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            await consumer.stop()
+
+    async def _run(self, consumer: AIOKafkaConsumer) -> None:
+        while True:
+            try:
+                batches = await consumer.getmany(timeout_ms=500, max_records=self._max_records)
+            except KafkaError as exc:
+                self._log.warning(f"{self._name}_fetch_failed", extra={"error": type(exc).__name__})
+                await asyncio.sleep(1.0)
+                continue
+            if not batches:
+                self.caught_up.set()
+            self._handle(batches)
