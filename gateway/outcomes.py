@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Any
 
 from gateway.catalog import Tenant
 from gateway.envelope import DlqReason, Job, Rejection
@@ -45,28 +46,18 @@ def decide(
     """Map one attempt's outcome to the records the contract asks for."""
 
     def final(status: Status) -> list[OutRecord]:
-        return [
-            result_record(
-                topics.results,
-                tenant=job.tenant,
-                job_id=job.id,
-                job_type=job.type,
-                status=status,
-                result=outcome.result,
-                error=outcome.error,
-                attempts=job.attempt,
-                started_at=started_at,
-                finished_at=finished_at,
-            ),
-            status_record(
-                topics.status,
-                tenant=job.tenant,
-                job_id=job.id,
-                status=status,
-                attempt=job.attempt,
-                at=finished_at,
-            ),
-        ]
+        return _terminal(
+            topics,
+            tenant=job.tenant,
+            job_id=job.id,
+            job_type=job.type,
+            status=status,
+            result=outcome.result,
+            error=outcome.error,
+            attempts=job.attempt,
+            started_at=started_at,
+            finished_at=finished_at,
+        )
 
     if not outcome.retryable or outcome.status in (Status.SUCCEEDED, Status.CANCELLED):
         return Decision(final(outcome.status), outcome.status, terminal=True)
@@ -102,54 +93,70 @@ def rejection_records(rejection: Rejection, *, topics: TopicSettings, at: float)
     """DLQ record, plus a `rejected` result and status when tenant and id are known."""
     records = [dlq_record(topics.dlq, rejection.source, rejection.reason, rejection.detail)]
     if rejection.tenant and rejection.job_id:
-        records.append(
-            result_record(
-                topics.results,
-                tenant=rejection.tenant,
-                job_id=rejection.job_id,
-                job_type=rejection.job_type,
-                status=Status.REJECTED,
-                result=None,
-                error=(rejection.reason.value, rejection.detail),
-                attempts=0,
-                started_at=at,
-                finished_at=at,
-            )
-        )
-        records.append(
-            status_record(
-                topics.status,
-                tenant=rejection.tenant,
-                job_id=rejection.job_id,
-                status=Status.REJECTED,
-                attempt=0,
-                at=at,
-            )
+        records += _terminal(
+            topics,
+            tenant=rejection.tenant,
+            job_id=rejection.job_id,
+            job_type=rejection.job_type,
+            status=Status.REJECTED,
+            result=None,
+            error=(rejection.reason.value, rejection.detail),
+            attempts=0,
+            started_at=at,
+            finished_at=at,
         )
     return records
 
 
 def cancelled_records(job: Job, *, topics: TopicSettings, at: float) -> list[OutRecord]:
     """Result and status `cancelled` for a job cancelled before it ever started."""
+    return _terminal(
+        topics,
+        tenant=job.tenant,
+        job_id=job.id,
+        job_type=job.type,
+        status=Status.CANCELLED,
+        result=None,
+        error=("cancelled", "cancelled on request before it started"),
+        attempts=job.attempt,
+        started_at=at,
+        finished_at=at,
+    )
+
+
+def _terminal(
+    topics: TopicSettings,
+    *,
+    tenant: str,
+    job_id: str,
+    job_type: str | None,
+    status: Status,
+    result: Any,
+    error: tuple[str, str] | None,
+    attempts: int,
+    started_at: float,
+    finished_at: float,
+) -> list[OutRecord]:
+    """The result record and the matching terminal status record of one job."""
     return [
         result_record(
             topics.results,
-            tenant=job.tenant,
-            job_id=job.id,
-            job_type=job.type,
-            status=Status.CANCELLED,
-            result=None,
-            error=("cancelled", "cancelled on request before it started"),
-            attempts=job.attempt,
-            started_at=at,
-            finished_at=at,
+            tenant=tenant,
+            job_id=job_id,
+            job_type=job_type,
+            status=status,
+            result=result,
+            error=error,
+            attempts=attempts,
+            started_at=started_at,
+            finished_at=finished_at,
         ),
         status_record(
             topics.status,
-            tenant=job.tenant,
-            job_id=job.id,
-            status=Status.CANCELLED,
-            attempt=job.attempt,
-            at=at,
+            tenant=tenant,
+            job_id=job_id,
+            status=status,
+            attempt=attempts,
+            at=finished_at,
         ),
     ]
