@@ -88,7 +88,7 @@ class Intake:
         self._outbox_wake = asyncio.Event()
         self._outbox_idle = asyncio.Event()
         self._outbox_idle.set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._outbox_task: asyncio.Task[None] | None = None
         self._delayed_paused: set[TopicPartition] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._commit_task: asyncio.Task[None] | None = None
@@ -153,10 +153,10 @@ class Intake:
         if consumer is None:
             return
         await self.commit()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=5.0)
+        sender, self._outbox_task = self._outbox_task, None
+        if sender is not None:
+            sender.cancel()
+            await asyncio.wait({sender}, timeout=5.0)
         self._consumer = None
         await consumer.stop()
 
@@ -362,8 +362,8 @@ class Intake:
         self._outbox.append((records, tickets))
         self._outbox_idle.clear()
         self._outbox_wake.set()
-        if not any(t.get_name() == "gateway:outbox" for t in self._tasks):
-            self._spawn(self._send_outbox(), name="gateway:outbox")
+        if self._outbox_task is None or self._outbox_task.done():
+            self._outbox_task = asyncio.create_task(self._send_outbox(), name="gateway:outbox")
 
     async def _send_outbox(self) -> None:
         outbox = self._outbox
@@ -388,11 +388,6 @@ class Intake:
             for _, tickets in batch:
                 for ticket in tickets:
                     self._finish_ticket(ticket)
-
-    def _spawn(self, coro: Any, name: str | None = None) -> None:
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     def finish_entry(self, entry: Entry) -> None:
         """A job's outcome is acknowledged: its record (and duplicates of it) are finished."""

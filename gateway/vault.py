@@ -33,6 +33,7 @@ from gateway.errors import (
     SecretsUnavailable,
 )
 from gateway.settings import VaultSettings
+from gateway.tasks import cancel_and_wait
 
 __all__ = [
     "JobSecrets",
@@ -165,8 +166,6 @@ class SecretStore:
 
     async def stop(self) -> None:
         """Stop renewing, revoke nothing (tenant tokens expire on their own), free threads."""
-        from gateway.tasks import cancel_and_wait
-
         await cancel_and_wait(self._renewer)
         self._renewer = None
         self._pool.shutdown(wait=False, cancel_futures=True)
