@@ -170,7 +170,8 @@ class Intake:
             try:
                 # Short while paused: the resume check below must run soon after
                 # running jobs drain the backlog.
-                batches = await consumer.getmany(timeout_ms=50 if self._paused else 500)
+                paused = self._paused or self._delayed_paused
+                batches = await consumer.getmany(timeout_ms=50 if paused else 500)
             except KafkaError as exc:
                 log.warning("fetch_failed", extra={"error": type(exc).__name__})
                 await asyncio.sleep(0.5)
@@ -183,30 +184,36 @@ class Intake:
             self._backpressure(consumer, max_buffered)
 
     def _backpressure(self, consumer: AIOKafkaConsumer, max_buffered: int) -> None:
-        """Two bounds, both a last resort (tenants' buffers overflow to jobs.deferred first).
+        """Memory bounds, a last resort (tenants' buffers overflow to jobs.deferred first).
 
-        Records waiting for their `not-before` (retries, deferrals) are cheap to hold but
-        can pile up behind a flood: past `max_buffered` of them, only jobs.retry and
-        jobs.deferred are paused, so fresh jobs of every other tenant keep flowing. Every
-        other record counts against `max_buffered` on its own; past it, everything pauses.
+        Retries and deferrals read back early wait in memory for their `not-before`.
+        Each partition of jobs.retry and jobs.deferred may hold its share of
+        `max_buffered` unfinished records; past it, that partition alone pauses until
+        its records are worked off, so the others keep delivering what is due (one
+        partition read far ahead must not hide another's due records). Fresh jobs
+        count against `max_buffered` on their own; past it the `jobs` partitions pause.
         """
-        held = len(self._delays)
-        delayed_tps = {tp for tp in self._assigned if tp.topic in self._delayed_topics}
-        if not self._delayed_paused and held >= max_buffered and delayed_tps:
-            consumer.pause(*delayed_tps)
-            self._delayed_paused = delayed_tps
-            log.warning("delayed_intake_paused", extra={"held": held})
-        elif self._delayed_paused and held < max_buffered * 0.8:
-            consumer.resume(*(self._delayed_paused & self._assigned))
-            self._delayed_paused = set()
-            log.info("delayed_intake_resumed", extra={"held": held})
-        outstanding = self.tracker.in_flight() - held
+        delayed = {tp for tp in self._assigned if tp.topic in self._delayed_topics}
+        if delayed:
+            bound = max(1, max_buffered // len(delayed))
+            for tp in delayed:
+                held = self.tracker.in_flight(tp)
+                if tp not in self._delayed_paused and held >= bound:
+                    consumer.pause(tp)
+                    self._delayed_paused.add(tp)
+                    log.info("delayed_intake_paused", extra={"partition": str(tp), "held": held})
+                elif tp in self._delayed_paused and held < bound * 0.8:
+                    consumer.resume(tp)
+                    self._delayed_paused.discard(tp)
+                    log.info("delayed_intake_resumed", extra={"partition": str(tp), "held": held})
+        fresh = self._assigned - delayed
+        outstanding = sum(self.tracker.in_flight(tp) for tp in fresh)
         if not self._paused and outstanding >= max_buffered:
-            consumer.pause(*self._assigned)
+            consumer.pause(*fresh)
             self._paused = True
             log.warning("intake_paused", extra={"outstanding": outstanding})
         elif self._paused and outstanding < max_buffered * 0.8:
-            consumer.resume(*(self._assigned - self._delayed_paused))
+            consumer.resume(*fresh)
             self._paused = False
             log.info("intake_resumed", extra={"outstanding": outstanding})
 
@@ -266,7 +273,12 @@ class Intake:
         if job.key in self._cancels:
             self._finish_cancelled([entry], "on_arrival")
             return
-        if not self._pools.submit(entry):
+        # A retry or deferral read back and due is already in memory (its partition's
+        # share of `max_buffered` bounds it): it waits for room in its tenant's buffer.
+        # Sent around jobs.deferred again it cost a produce, a status record and a read
+        # per bounce, and under a flood the bounces outnumbered the jobs many times over.
+        may_wait = job.source.topic in self._delayed_topics
+        if not self._pools.submit(entry, may_wait=may_wait):
             self._defer(entry)
 
     # -- cancellation ----------------------------------------------------------
@@ -466,11 +478,8 @@ class Intake:
             self.tracker.assign(tp)
         self._assigned |= assigned
         if self._paused and self._consumer is not None:
-            self._consumer.pause(*assigned)
-        elif self._delayed_paused and self._consumer is not None:
-            delayed = {tp for tp in assigned if tp.topic in self._delayed_topics}
-            self._consumer.pause(*delayed)
-            self._delayed_paused |= delayed
+            fresh = {tp for tp in assigned if tp.topic not in self._delayed_topics}
+            self._consumer.pause(*fresh)
         if self._on_assignment is not None:
             self._on_assignment(set(self._assigned))
         log.info("partitions_assigned", extra={"partitions": sorted(map(str, self._assigned))})

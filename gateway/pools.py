@@ -155,14 +155,18 @@ class Pools:
                 entry.task.cancel()
         return entry
 
-    def submit(self, entry: Entry) -> bool:
-        """Buffer a job in its tenant's pool; False when the pool is full (defer it)."""
+    def submit(self, entry: Entry, *, may_wait: bool = False) -> bool:
+        """Buffer a job in its tenant's pool; False when the pool is full (defer it).
+
+        `may_wait` is for delayed records already held in memory that came due: they
+        line up behind the full buffer rather than go around `jobs.deferred` again.
+        """
         tenant = self._catalog().get(entry.job.tenant)
         if tenant is None:
             return False
         if self.scheduler.tenant(tenant.id) is None:
             self.scheduler.configure(tenant.id, limits_for(tenant, self._share), time.monotonic())
-        if not self.scheduler.push(tenant.id, entry):
+        if not self.scheduler.push(tenant.id, entry, may_wait=may_wait):
             return False
         self._by_key[entry.job.key] = entry
         self._wake.set()
@@ -195,7 +199,7 @@ class Pools:
         if queue is None:
             return 1.0
         queue.deferred += 1
-        backlog = len(queue.items) + queue.deferred
+        backlog = len(queue.items) + len(queue.waiting) + queue.deferred
         pace = min(queue.bucket.rate, queue.limits.max_concurrency / _MIN_SLOT_HOLD_S)
         return max(0.05, backlog / pace)
 
@@ -391,7 +395,7 @@ class Pools:
         for tenant_id, queue in self.scheduler.tenants():
             yield PoolFigures(
                 tenant=tenant_id,
-                queued=len(queue.items),
+                queued=len(queue.items) + len(queue.waiting),
                 running=queue.running,
                 deferred=queue.deferred,
                 started=queue.started,

@@ -40,6 +40,9 @@ class TenantQueue(Generic[T]):
     limits: TenantLimits
     bucket: TokenBucket
     items: deque[T] = field(default_factory=deque)
+    # Delayed records already in memory that came due while `items` was full: they move
+    # into `items` in order as room frees, instead of bouncing back through the broker.
+    waiting: deque[T] = field(default_factory=deque)
     running: int = 0
     passed: float = 0.0
     started: int = 0
@@ -58,6 +61,7 @@ class FairScheduler(Generic[T]):
         self.running = 0
         self._tenants: dict[str, TenantQueue[T]] = {}
         self._vtime = 0.0
+        self.waiting = 0  # items in every tenant's `waiting` line
 
     def configure(self, tenant: str, limits: TenantLimits, now: float) -> None:
         """Add a tenant or change its limits (hot reload keeps queued work)."""
@@ -78,14 +82,22 @@ class FairScheduler(Generic[T]):
         return iter(self._tenants.items())
 
     def queued(self) -> int:
-        """Jobs buffered across all tenants."""
-        return sum(len(q.items) for q in self._tenants.values())
+        """Jobs buffered across all tenants, waiting lines included."""
+        return sum(len(q.items) for q in self._tenants.values()) + self.waiting
 
-    def push(self, tenant: str, item: T) -> bool:
-        """Buffer a job; False when the tenant's buffer is full (overflow)."""
+    def push(self, tenant: str, item: T, *, may_wait: bool = False) -> bool:
+        """Buffer a job; False when the tenant's buffer is full (overflow).
+
+        With `may_wait`, a job that finds the buffer full joins the tenant's waiting
+        line instead (the caller bounds that line's memory) and True is returned.
+        """
         queue = self._tenants[tenant]
-        if len(queue.items) >= queue.limits.max_queued and queue.items:
-            return False
+        if queue.waiting or (len(queue.items) >= queue.limits.max_queued and queue.items):
+            if not may_wait:
+                return False
+            queue.waiting.append(item)
+            self.waiting += 1
+            return True
         if not queue.items and queue.running == 0:
             # Joining (again): start at the current virtual time, never in the past,
             # so idleness earns no burst of priority and costs no wait.
@@ -111,6 +123,9 @@ class FairScheduler(Generic[T]):
             return None
         best.bucket.try_take(now)
         item = best.items.popleft()
+        while best.waiting and len(best.items) < best.limits.max_queued:
+            best.items.append(best.waiting.popleft())
+            self.waiting -= 1
         best.running += 1
         best.started += 1
         if best.rate_blocked:
@@ -142,8 +157,16 @@ class FairScheduler(Generic[T]):
         """Take every buffered job matching `predicate` out of the buffers."""
         removed: list[T] = []
         for queue in self._tenants.values():
-            keep: deque[T] = deque()
-            for item in queue.items:
-                (removed if predicate(item) else keep).append(item)
-            queue.items = keep
+            queue.items = _without(queue.items, predicate, removed)
+            queue.waiting = _without(queue.waiting, predicate, removed)
+            while queue.waiting and len(queue.items) < queue.limits.max_queued:
+                queue.items.append(queue.waiting.popleft())
+        self.waiting = sum(len(q.waiting) for q in self._tenants.values())
         return removed
+
+
+def _without(items: deque[T], predicate: Callable[[T], bool], removed: list[T]) -> deque[T]:
+    keep: deque[T] = deque()
+    for item in items:
+        (removed if predicate(item) else keep).append(item)
+    return keep

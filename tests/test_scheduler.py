@@ -143,6 +143,35 @@ def test_full_buffer_overflows() -> None:
     assert not scheduler.push("t", 3)
 
 
+def test_due_delayed_jobs_wait_in_order_behind_a_full_buffer() -> None:
+    scheduler: FairScheduler[int] = FairScheduler(total_slots=10)
+    scheduler.configure("t", limits(max_queued=2), 0.0)
+    assert scheduler.push("t", 1)
+    assert scheduler.push("t", 2)
+    assert scheduler.push("t", 3, may_wait=True)
+    assert scheduler.push("t", 4, may_wait=True)
+    # A fresh job may not overtake the waiting line, even once the buffer has room.
+    assert not scheduler.push("t", 5)
+    assert scheduler.waiting == 2
+    started = [picked[1] for _ in range(4) if (picked := scheduler.pop(0.0)) is not None]
+    assert started == [1, 2, 3, 4]
+    assert scheduler.waiting == 0
+    assert scheduler.push("t", 5)
+
+
+def test_removing_from_the_buffer_moves_waiting_jobs_up() -> None:
+    scheduler: FairScheduler[int] = FairScheduler(total_slots=10)
+    scheduler.configure("t", limits(max_queued=2), 0.0)
+    for item in (1, 2):
+        scheduler.push("t", item)
+    for item in (3, 4, 5):
+        scheduler.push("t", item, may_wait=True)
+    assert scheduler.remove(lambda item: item in (1, 4)) == [1, 4]
+    queue = scheduler.tenant("t")
+    assert queue is not None
+    assert (list(queue.items), list(queue.waiting), scheduler.waiting) == ([2, 3], [5], 1)
+
+
 def test_throttled_counts_starts_the_bucket_held_back() -> None:
     scheduler: FairScheduler[int] = FairScheduler(total_slots=100)
     scheduler.configure("a", limits(rate_per_s=10, burst=2), now=0.0)
