@@ -35,7 +35,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from bench.common import ROOT, bench_settings, broker
 from gateway.services import free_port
-from gateway.settings import Settings
+from gateway.settings import Settings, child_env
 
 KEY = f"bench-{secrets.token_urlsafe(16)}"
 TENANT = f"""
@@ -117,24 +117,16 @@ GATEWAY_ENV: dict[str, str] = {}
 
 
 def gateway_env(settings: Settings) -> dict[str, str]:
-    """The GATEWAY_* environment of `settings`, with the HTTP API on a free port."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    kafka = settings.kafka
-    env.update(
+    """The environment of `settings` for the gateway under test (its port is set later)."""
+    return child_env(
+        settings,
         {
-            "GATEWAY_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
-            "GATEWAY_KAFKA__GROUP_ID": kafka.group_id,
-            "GATEWAY_KAFKA__FETCH_MAX_WAIT_MS": str(kafka.fetch_max_wait_ms),
-            "GATEWAY_TENANTS_DIR": str(settings.tenants_dir),
-            "GATEWAY_POLICIES_DIR": str(settings.policies_dir),
             "GATEWAY_LOG_FORMAT": "json",
             "GATEWAY_LOG_LEVEL": "WARNING",
+            "GATEWAY_HTTP__ENABLED": "true",
             "GATEWAY_VAULT__ENABLED": "false",
-        }
+        },
     )
-    for name in ("jobs", "results", "status", "control", "retry", "deferred", "dlq"):
-        env[f"GATEWAY_TOPICS__{name.upper()}"] = getattr(settings.topics, name)
-    return env
 
 
 async def start_gateway(settings: Settings, log_path: Path) -> tuple[Process, int]:

@@ -28,7 +28,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from gateway.service import ensure_topics
 from gateway.services import Tansu, free_port
-from gateway.settings import KafkaSettings, Settings, TopicSettings
+from gateway.settings import KafkaSettings, Settings, TopicSettings, child_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -154,32 +154,14 @@ def peak_rss_mb() -> float:
 
 
 def gateway_env(settings: Settings, **extra: str) -> dict[str, str]:
-    """The GATEWAY_* environment that runs `settings` in `python -m gateway run`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    kafka, topics = settings.kafka, settings.topics
-    env.update(
-        {
-            "GATEWAY_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
-            "GATEWAY_KAFKA__GROUP_ID": kafka.group_id,
-            "GATEWAY_KAFKA__FETCH_MAX_WAIT_MS": str(kafka.fetch_max_wait_ms),
-            "GATEWAY_KAFKA__SESSION_TIMEOUT_MS": str(kafka.session_timeout_ms),
-            "GATEWAY_KAFKA__HEARTBEAT_INTERVAL_MS": str(kafka.heartbeat_interval_ms),
-            "GATEWAY_KAFKA__REBALANCE_TIMEOUT_MS": str(kafka.rebalance_timeout_ms),
-            "GATEWAY_KAFKA__PARTITIONS": str(kafka.partitions),
-            "GATEWAY_TENANTS_DIR": str(settings.tenants_dir),
-            "GATEWAY_POLICIES_DIR": str(settings.policies_dir),
-            "GATEWAY_MAX_INFLIGHT": str(settings.max_inflight),
-            "GATEWAY_MAX_BUFFERED": str(settings.max_buffered),
-            "GATEWAY_CATALOG_POLL_S": str(settings.catalog_poll_s),
-            "GATEWAY_LOG_FORMAT": "json",
-            "GATEWAY_HTTP__ENABLED": "false",
-            "GATEWAY_VAULT__ENABLED": "false",
-        }
-    )
-    for name in ("jobs", "results", "status", "control", "retry", "deferred", "dlq"):
-        env[f"GATEWAY_TOPICS__{name.upper()}"] = getattr(topics, name)
-    env.update(extra)
-    return env
+    """The environment that runs `settings` in `python -m gateway run` (JSON logs, no
+    HTTP, no Vault), then `extra` (full GATEWAY_* names)."""
+    quiet = {
+        "GATEWAY_LOG_FORMAT": "json",
+        "GATEWAY_HTTP__ENABLED": "false",
+        "GATEWAY_VAULT__ENABLED": "false",
+    }
+    return child_env(settings, {**quiet, **extra})
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec

@@ -54,7 +54,7 @@ from bench.peer_load import (
     run_workload,
 )
 from bench.peer_systems import peak_rss_mb, reset_peak_rss
-from gateway.settings import Settings
+from gateway.settings import Settings, child_env
 
 SYSTEMS = ("raw", "bare", "guide", "faststream", "pyrallel", "gateway")
 CONCURRENCY = 256  # the gateway's GATEWAY_MAX_INFLIGHT; FastStream, pyrallel and bare match it
@@ -221,30 +221,16 @@ GATEWAY_ENV_EXTRA: dict[str, str] = {}  # --gateway-env KEY=VALUE, for experimen
 
 
 def _gateway_env(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    kafka, topics = settings.kafka, settings.topics
-    env.update(
-        {
-            "GATEWAY_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
-            "GATEWAY_KAFKA__GROUP_ID": kafka.group_id,
-            "GATEWAY_KAFKA__FETCH_MAX_WAIT_MS": str(kafka.fetch_max_wait_ms),
-            "GATEWAY_KAFKA__SESSION_TIMEOUT_MS": str(kafka.session_timeout_ms),
-            "GATEWAY_KAFKA__HEARTBEAT_INTERVAL_MS": str(kafka.heartbeat_interval_ms),
-            "GATEWAY_TENANTS_DIR": str(settings.tenants_dir),
-            "GATEWAY_POLICIES_DIR": str(settings.policies_dir),
-            "GATEWAY_MAX_INFLIGHT": str(CONCURRENCY),
-            "GATEWAY_CATALOG_POLL_S": "0",
-            # Per-job INFO lines off, as for every other system here (none logs per job).
-            "GATEWAY_LOG_LEVEL": "WARNING",
-            "GATEWAY_LOG_FORMAT": "json",
-            "GATEWAY_HTTP__ENABLED": "false",
-            "GATEWAY_VAULT__ENABLED": "false",
-        }
-    )
-    for name in ("jobs", "results", "status", "control", "retry", "deferred", "dlq"):
-        env[f"GATEWAY_TOPICS__{name.upper()}"] = getattr(topics, name)
-    env.update(GATEWAY_ENV_EXTRA)
-    return env
+    quiet = {
+        "GATEWAY_MAX_INFLIGHT": str(CONCURRENCY),
+        "GATEWAY_CATALOG_POLL_S": "0",
+        # Per-job INFO lines off, as for every other system here (none logs per job).
+        "GATEWAY_LOG_LEVEL": "WARNING",
+        "GATEWAY_LOG_FORMAT": "json",
+        "GATEWAY_HTTP__ENABLED": "false",
+        "GATEWAY_VAULT__ENABLED": "false",
+    }
+    return child_env(settings, {**quiet, **GATEWAY_ENV_EXTRA})
 
 
 def _argv(system: str, settings: Settings) -> tuple[list[str], dict[str, str]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
 
@@ -18,6 +19,7 @@ __all__ = [
     "Settings",
     "TopicSettings",
     "VaultSettings",
+    "child_env",
     "load_settings",
 ]
 
@@ -166,7 +168,8 @@ class Settings(BaseSettings):
     tenants_dir: Path = Path("tenants")
     policies_dir: Path = Path("policies")
     max_inflight: int = Field(default=256, ge=1)
-    # Records buffered in memory beyond the running ones before partitions are paused.
+    # Records in memory past which partitions pause (a last resort): unfinished fresh
+    # jobs pause `jobs`; each jobs.retry/jobs.deferred partition holds its share of it.
     max_buffered: int = Field(default=10_000, ge=1)
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     max_payload_bytes: int = Field(default=1_048_576, ge=1)
@@ -201,3 +204,39 @@ class Settings(BaseSettings):
 def load_settings(**overrides: object) -> Settings:
     """Parse the environment once; keyword overrides win (used by the CLI and tests)."""
     return Settings(**overrides)  # type: ignore[arg-type]  # pydantic accepts nested dicts
+
+
+_PREFIX = "GATEWAY_"
+
+
+def _env_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def child_env(settings: Settings, overrides: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment under which a child process (`python -m gateway run`) loads
+    exactly `settings`: this process's environment without its GATEWAY_* variables,
+    every setting as GATEWAY_* (but `replica`: each process names itself), then
+    `overrides` (full variable names).
+
+    Secrets are written in clear, since the child needs them: the result goes to a
+    child's environment and nowhere else (never a log).
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_PREFIX)}
+    for name, value in settings:
+        if name == "replica" or value is None:
+            continue
+        if isinstance(value, BaseModel):
+            for field, inner in value:
+                if inner is not None:
+                    env[f"{_PREFIX}{name.upper()}__{field.upper()}"] = _env_value(inner)
+        else:
+            env[f"{_PREFIX}{name.upper()}"] = _env_value(value)
+    env.update(overrides or {})
+    return env

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from gateway.catalog import load_catalog
 from gateway.service import ensure_topics
 from gateway.services import OpenBao, Tansu, free_port
-from gateway.settings import KafkaSettings, Settings, TopicSettings
+from gateway.settings import KafkaSettings, Settings, TopicSettings, child_env
 from gateway.vault_bootstrap import bootstrap_local
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,42 +109,8 @@ def make_settings(bootstrap: str, **overrides: Any) -> Settings:
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    """The GATEWAY_* environment that reproduces `settings` in a subprocess."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    kafka, topics = settings.kafka, settings.topics
-    env.update(
-        {
-            "GATEWAY_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
-            "GATEWAY_KAFKA__GROUP_ID": kafka.group_id,
-            "GATEWAY_KAFKA__FETCH_MAX_WAIT_MS": str(kafka.fetch_max_wait_ms),
-            "GATEWAY_KAFKA__SESSION_TIMEOUT_MS": str(kafka.session_timeout_ms),
-            "GATEWAY_KAFKA__HEARTBEAT_INTERVAL_MS": str(kafka.heartbeat_interval_ms),
-            "GATEWAY_KAFKA__COMMIT_INTERVAL_MS": str(kafka.commit_interval_ms),
-            "GATEWAY_KAFKA__PARTITIONS": str(kafka.partitions),
-            "GATEWAY_TENANTS_DIR": str(settings.tenants_dir),
-            "GATEWAY_POLICIES_DIR": str(settings.policies_dir),
-            "GATEWAY_SHUTDOWN_GRACE_S": str(settings.shutdown_grace_s),
-            "GATEWAY_MAX_INFLIGHT": str(settings.max_inflight),
-            "GATEWAY_LOG_FORMAT": "json",
-            "GATEWAY_HTTP__ENABLED": "false",
-            "GATEWAY_RETRY__BASE_S": str(settings.retry.base_s),
-            "GATEWAY_RETRY__CAP_S": str(settings.retry.cap_s),
-            "GATEWAY_RETRY__MAX_ATTEMPTS": str(settings.retry.max_attempts),
-        }
-    )
-    for name in ("jobs", "results", "status", "control", "retry", "deferred", "dlq"):
-        env[f"GATEWAY_TOPICS__{name.upper()}"] = getattr(topics, name)
-    vault = settings.vault
-    if vault.configured:
-        env["GATEWAY_VAULT__ADDR"] = vault.addr
-        env["GATEWAY_VAULT__CACHE_TTL_S"] = str(vault.cache_ttl_s)
-        env["GATEWAY_VAULT__MAX_STALE_S"] = str(vault.max_stale_s)
-        if vault.token is not None:
-            env["GATEWAY_VAULT__TOKEN"] = vault.token.get_secret_value()
-        if vault.role_id is not None and vault.secret_id is not None:
-            env["GATEWAY_VAULT__ROLE_ID"] = vault.role_id
-            env["GATEWAY_VAULT__SECRET_ID"] = vault.secret_id.get_secret_value()
-    return env
+    """The environment that reproduces `settings` in a subprocess (JSON logs, no HTTP)."""
+    return child_env(settings, {"GATEWAY_LOG_FORMAT": "json", "GATEWAY_HTTP__ENABLED": "false"})
 
 
 @pytest.fixture
