@@ -92,6 +92,7 @@ VAULT_COUNTERS = (
     "reads",
     "cache_hits",
     "cache_misses",
+    "cache_coalesced",
     "tokens_minted",
     "token_renewals",
     "logins",
@@ -401,8 +402,11 @@ class Phase:
 
     @property
     def hit_ratio(self) -> float | None:
-        lookups = self.vault.get("cache_hits", 0) + self.vault.get("cache_misses", 0)
-        return self.vault.get("cache_hits", 0) / lookups if lookups else None
+        # Lookups that needed no Vault read of their own: cache hits and those that
+        # joined a read already in flight.
+        spared = self.vault.get("cache_hits", 0) + self.vault.get("cache_coalesced", 0)
+        lookups = spared + self.vault.get("cache_misses", 0)
+        return spared / lookups if lookups else None
 
     def read_bound(self, tenants: int, duration_s: float | None = None) -> int:
         """The issue's bound: tenants * ceil(D / TTL) + renewals counted in the phase."""

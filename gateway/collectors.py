@@ -120,10 +120,12 @@ class VaultCollector(Collector):
         )
         lookups.add_metric(["hit"], stats.cache_hits)
         lookups.add_metric(["miss"], stats.cache_misses)
+        lookups.add_metric(["coalesced"], stats.cache_coalesced)
         lookups.add_metric(["stale"], stats.stale_served)
         yield lookups
         ratio = GaugeMetricFamily(
-            "gateway_vault_cache_hit_ratio", "Share of secret lookups answered from the cache."
+            "gateway_vault_cache_hit_ratio",
+            "Share of secret lookups that needed no Vault read of their own.",
         )
         ratio.add_metric([], stats.hit_ratio)
         yield ratio

@@ -90,7 +90,8 @@ class VaultStats:
 
     reads: int = 0
     cache_hits: int = 0
-    cache_misses: int = 0
+    cache_misses: int = 0  # lookups that started a Vault read
+    cache_coalesced: int = 0  # lookups that joined a read already in flight
     stale_served: int = 0
     tokens_minted: int = 0
     token_renewals: int = 0
@@ -100,9 +101,10 @@ class VaultStats:
 
     @property
     def hit_ratio(self) -> float:
-        """Share of secret lookups answered from the cache."""
-        total = self.cache_hits + self.cache_misses
-        return self.cache_hits / total if total else 0.0
+        """Share of secret lookups that needed no Vault read of their own (answered from
+        the cache, or by joining a read already in flight)."""
+        total = self.cache_hits + self.cache_misses + self.cache_coalesced
+        return (self.cache_hits + self.cache_coalesced) / total if total else 0.0
 
 
 @dataclass(slots=True)
@@ -195,9 +197,11 @@ class SecretStore:
         if cached is not None and now - cached.fetched_at < self._settings.cache_ttl_s:
             self.stats.cache_hits += 1
             return cached.values
-        self.stats.cache_misses += 1
         task = self._inflight.get(key)
-        if task is None:
+        if task is not None:
+            self.stats.cache_coalesced += 1
+        else:
+            self.stats.cache_misses += 1
             task = asyncio.create_task(self._load(key, cached), name="gateway:vault-read")
             self._inflight[key] = task
             task.add_done_callback(lambda _: self._inflight.pop(key, None))

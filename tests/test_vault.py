@@ -138,9 +138,12 @@ async def test_concurrent_misses_make_one_vault_read(openbao: VaultServer) -> No
         values = await asyncio.gather(*(store.read("initech", "db") for _ in range(25)))
         assert all(v == values[0] for v in values)
         assert (store.stats.reads, store.stats.tokens_minted) == (1, 1)
+        # One lookup started the read; the other 24 joined it.
+        assert (store.stats.cache_misses, store.stats.cache_coalesced) == (1, 24)
         await store.read("initech", "db")
         assert store.stats.reads == 1
         assert store.stats.cache_hits == 1
+        assert store.stats.hit_ratio == 25 / 26
     finally:
         await store.stop()
 
