@@ -79,7 +79,9 @@ class HttpServer:
         sock = _bind(settings.host, settings.port)
         config = uvicorn.Config(
             self.app,
-            http="h11",
+            # httptools (C parser): h11's pure-Python parsing was most of the ~0.45 ms
+            # of CPU per request, taken from the job loop's share of the interpreter.
+            http="httptools",
             ws="none",
             lifespan="off",
             log_config=None,
