@@ -551,8 +551,8 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--max-buffered",
         type=int,
-        default=10_000,
-        help="GATEWAY_MAX_BUFFERED for the noisy neighbour (the gateway's default: 10000)",
+        default=Settings.model_fields["max_buffered"].default,
+        help="GATEWAY_MAX_BUFFERED for the noisy neighbour (default: the gateway's own)",
     )
     return parser.parse_args(argv)
 

@@ -37,7 +37,7 @@ __all__ = ["Intake"]
 log = logging.getLogger("gateway.intake")
 
 # Records per produce round of the side outbox (DLQ, deferrals, cancels).
-_OUTBOX_BATCH = 1000
+_OUTBOX_BATCH = 5000
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
@@ -165,7 +165,6 @@ class Intake:
     async def _fetch_loop(self) -> None:
         consumer = self._consumer
         assert consumer is not None
-        max_buffered = self._settings.max_buffered
         while True:
             try:
                 # Short while paused: the resume check below must run soon after
@@ -181,44 +180,64 @@ class Intake:
                     continue
                 for record in records:
                     self._take(tp, record)
-            self._backpressure(consumer, max_buffered)
+            self._backpressure(consumer)
 
-    def _backpressure(self, consumer: AIOKafkaConsumer, max_buffered: int) -> None:
+    def _backpressure(self, consumer: AIOKafkaConsumer) -> None:
         """Memory bounds, a last resort (tenants' buffers overflow to jobs.deferred first).
 
-        Retries and deferrals read back early wait in memory for their `not-before`.
-        Each partition of jobs.retry and jobs.deferred may hold its share of
-        `max_buffered` unfinished records; past it, that partition alone pauses until
-        its records are worked off, so the others keep delivering what is due (one
-        partition read far ahead must not hide another's due records). Fresh jobs
-        count against `max_buffered` on their own; past it the `jobs` partitions pause.
+        Unfinished records count by number (`max_buffered`) and by bytes
+        (`max_buffered_bytes`), whichever is reached first. Retries and deferrals read
+        back early wait in memory for their `not-before`: each partition of jobs.retry
+        and jobs.deferred may hold its share of both bounds, and past it that partition
+        alone pauses until its records are worked off, so the others keep delivering
+        what is due (one partition read far ahead must not hide another's due records).
+        Fresh jobs count against the bounds on their own; past them `jobs` pauses.
         """
+        settings = self._settings
+        tracker = self.tracker
         delayed = {tp for tp in self._assigned if tp.topic in self._delayed_topics}
         if delayed:
-            bound = max(1, max_buffered // len(delayed))
+            count_share = max(1, settings.max_buffered // len(delayed))
+            bytes_share = max(1, settings.max_buffered_bytes // len(delayed))
             for tp in delayed:
-                held = self.tracker.in_flight(tp)
-                if tp not in self._delayed_paused and held >= bound:
+                held, size = tracker.in_flight(tp), tracker.in_flight_bytes(tp)
+                if tp not in self._delayed_paused and (held >= count_share or size >= bytes_share):
                     consumer.pause(tp)
                     self._delayed_paused.add(tp)
-                    log.info("delayed_intake_paused", extra={"partition": str(tp), "held": held})
-                elif tp in self._delayed_paused and held < bound * 0.8:
+                    log.info(
+                        "delayed_intake_paused",
+                        extra={"partition": str(tp), "held": held, "bytes": size},
+                    )
+                elif (
+                    tp in self._delayed_paused
+                    and held < count_share * 0.8
+                    and size < bytes_share * 0.8
+                ):
                     consumer.resume(tp)
                     self._delayed_paused.discard(tp)
-                    log.info("delayed_intake_resumed", extra={"partition": str(tp), "held": held})
+                    log.info(
+                        "delayed_intake_resumed",
+                        extra={"partition": str(tp), "held": held, "bytes": size},
+                    )
         fresh = self._assigned - delayed
-        outstanding = sum(self.tracker.in_flight(tp) for tp in fresh)
-        if not self._paused and outstanding >= max_buffered:
+        outstanding = sum(tracker.in_flight(tp) for tp in fresh)
+        size = sum(tracker.in_flight_bytes(tp) for tp in fresh)
+        over = outstanding >= settings.max_buffered or size >= settings.max_buffered_bytes
+        under = (
+            outstanding < settings.max_buffered * 0.8 and size < settings.max_buffered_bytes * 0.8
+        )
+        if not self._paused and over:
             consumer.pause(*fresh)
             self._paused = True
-            log.warning("intake_paused", extra={"outstanding": outstanding})
-        elif self._paused and outstanding < max_buffered * 0.8:
+            log.warning("intake_paused", extra={"outstanding": outstanding, "bytes": size})
+        elif self._paused and under:
             consumer.resume(*fresh)
             self._paused = False
-            log.info("intake_resumed", extra={"outstanding": outstanding})
+            log.info("intake_resumed", extra={"outstanding": outstanding, "bytes": size})
 
     def _take(self, tp: TopicPartition, record: Any) -> None:
-        ticket = self.tracker.track(tp, record.offset)
+        size = len(record.value or b"") + len(record.key or b"")
+        ticket = self.tracker.track(tp, record.offset, size)
         source = Source(
             topic=record.topic,
             partition=record.partition,

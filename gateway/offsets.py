@@ -16,36 +16,48 @@ __all__ = ["OffsetTracker", "PartitionOffsets", "Ticket"]
 
 
 class PartitionOffsets:
-    """Offsets of one partition in arrival order; finishing may happen in any order."""
+    """Offsets of one partition in arrival order; finishing may happen in any order.
 
-    __slots__ = ("_committed", "_finished", "_last_seen", "_pending")
+    Each tracked record also carries its size, so memory bounds can count bytes.
+    """
+
+    __slots__ = ("_bytes", "_committed", "_last_seen", "_pending", "_unfinished")
 
     def __init__(self) -> None:
         self._pending: deque[int] = deque()
-        self._finished: set[int] = set()
+        self._unfinished: dict[int, int] = {}  # offset -> size, until finished
+        self._bytes = 0
         self._last_seen: int | None = None
         self._committed: int | None = None
 
-    def track(self, offset: int) -> None:
+    def track(self, offset: int, size: int = 0) -> None:
         """Register a record handed to the gateway; offsets must increase."""
         if self._last_seen is not None and offset <= self._last_seen:
             raise ValueError(f"offset {offset} is not after {self._last_seen}")
         self._last_seen = offset
         self._pending.append(offset)
+        self._unfinished[offset] = size
+        self._bytes += size
 
     def finish(self, offset: int) -> None:
         """Mark a tracked record finished (idempotent)."""
-        if offset < (self._pending[0] if self._pending else offset + 1):
+        size = self._unfinished.pop(offset, None)
+        if size is None:
             return
-        self._finished.add(offset)
-        pending, finished = self._pending, self._finished
-        while pending and pending[0] in finished:
-            finished.discard(pending.popleft())
+        self._bytes -= size
+        pending, unfinished = self._pending, self._unfinished
+        while pending and pending[0] not in unfinished:
+            pending.popleft()
 
     @property
     def in_flight(self) -> int:
         """Tracked records not yet finished."""
-        return len(self._pending) - len(self._finished)
+        return len(self._unfinished)
+
+    @property
+    def in_flight_bytes(self) -> int:
+        """Sizes of the tracked records not yet finished."""
+        return self._bytes
 
     def commit_point(self) -> int | None:
         """The offset to commit (next to consume), or None before any record."""
@@ -93,12 +105,12 @@ class OffsetTracker:
         """Forget a partition; its outstanding tickets become inert."""
         self._partitions.pop(partition, None)
 
-    def track(self, partition: Hashable, offset: int) -> Ticket:
-        """Track one record of an assigned partition."""
+    def track(self, partition: Hashable, offset: int, size: int = 0) -> Ticket:
+        """Track one record (of `size` bytes) of an assigned partition."""
         owner = self._partitions.get(partition)
         if owner is None:
             owner = self._partitions[partition] = PartitionOffsets()
-        owner.track(offset)
+        owner.track(offset, size)
         return Ticket(partition, offset, owner)
 
     def finish(self, ticket: Ticket) -> None:
@@ -112,6 +124,11 @@ class OffsetTracker:
             owner = self._partitions.get(partition)
             return owner.in_flight if owner is not None else 0
         return sum(owner.in_flight for owner in self._partitions.values())
+
+    def in_flight_bytes(self, partition: Hashable) -> int:
+        """Sizes of the unfinished records of one partition."""
+        owner = self._partitions.get(partition)
+        return owner.in_flight_bytes if owner is not None else 0
 
     def commit_point(self, partition: Hashable) -> int | None:
         """Where a commit of the partition would stand now, or None (unknown partition)."""

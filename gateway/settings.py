@@ -168,9 +168,11 @@ class Settings(BaseSettings):
     tenants_dir: Path = Path("tenants")
     policies_dir: Path = Path("policies")
     max_inflight: int = Field(default=256, ge=1)
-    # Records in memory past which partitions pause (a last resort): unfinished fresh
-    # jobs pause `jobs`; each jobs.retry/jobs.deferred partition holds its share of it.
-    max_buffered: int = Field(default=10_000, ge=1)
+    # Unfinished records in memory past which partitions pause (a last resort), by
+    # count and by bytes (key + value), whichever comes first: fresh jobs pause the
+    # `jobs` partitions; each jobs.retry/jobs.deferred partition holds its share.
+    max_buffered: int = Field(default=50_000, ge=1)
+    max_buffered_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     max_payload_bytes: int = Field(default=1_048_576, ge=1)
     flows: Annotated[tuple[str, ...], NoDecode] = ()

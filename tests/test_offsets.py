@@ -81,3 +81,26 @@ def test_random_completion_orders(case: tuple[list[int], list[int]]) -> None:
     part_point = tracker._partitions["p"].commit_point()  # check the final state
     assert part_point == offsets[-1] + 1
     assert last_committed in (None, offsets[-1] + 1)
+
+
+@given(
+    st.lists(st.integers(min_value=0, max_value=5000), min_size=1, max_size=40).flatmap(
+        lambda sizes: st.tuples(
+            st.just(sizes),
+            st.lists(st.integers(min_value=0, max_value=len(sizes) - 1), max_size=80),
+        )
+    )
+)
+def test_in_flight_bytes_count_each_unfinished_record_once(
+    case: tuple[list[int], list[int]],
+) -> None:
+    sizes, finishes = case  # finishes may repeat: finishing is idempotent
+    tracker = OffsetTracker()
+    tickets = [tracker.track("p", offset, size) for offset, size in enumerate(sizes)]
+    done: set[int] = set()
+    for index in finishes:
+        tracker.finish(tickets[index])
+        done.add(index)
+        unfinished = [i for i in range(len(sizes)) if i not in done]
+        assert tracker.in_flight("p") == len(unfinished)
+        assert tracker.in_flight_bytes("p") == sum(sizes[i] for i in unfinished)

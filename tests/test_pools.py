@@ -166,3 +166,35 @@ async def test_held_deferrals_pause_only_the_delayed_topics(
     events = [r.getMessage() for r in caplog.records if r.name == "gateway.intake"]
     assert delays[-1] < 1.5, (delays, events)
     assert "delayed_intake_paused" in events
+
+
+async def test_memory_bound_counts_bytes_and_loses_nothing(
+    settings: Settings, client: JobClient, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Few records but large ones: the byte bound, not the record count, pauses `jobs`,
+    # and every job still finishes once the buffered bytes are worked off.
+    tenants = tmp_path / "tenants"
+    tenants.mkdir()
+    (tenants / "bulky.toml").write_text(
+        TENANT.format(id="bulky", conc=8, rate=200, burst=10, queued=2000)
+    )
+    configured = settings.model_copy(
+        update={"tenants_dir": tenants, "max_buffered": 100_000, "max_buffered_bytes": 100_000}
+    )
+    gateway = Gateway(configured, load_catalog(tenants, configured.policies_dir))
+    await gateway.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="gateway.intake"):
+            for n in range(600):
+                await client.job("bulky", f"b{n}", "echo", pad="x" * 2000)
+            await client.flush()
+            records = await read_topic(
+                settings, settings.topics.results, until=600, timeout_s=60, settle_s=0.3
+            )
+    finally:
+        await gateway.stop()
+    assert {json.loads(r.value)["id"] for r in records} == {f"b{n}" for n in range(600)}
+    paused = [r for r in caplog.records if r.getMessage() == "intake_paused"]
+    assert paused, "the byte bound never paused the intake"
+    assert all(getattr(r, "bytes", 0) >= 100_000 for r in paused)
+    assert all(getattr(r, "outstanding", 0) < 100_000 for r in paused)
