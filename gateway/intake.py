@@ -36,8 +36,10 @@ __all__ = ["Intake"]
 
 log = logging.getLogger("gateway.intake")
 
-# Records per produce round of the side outbox (DLQ, deferrals, cancels).
+# Records (and bytes of values) per produce round of the side outbox (DLQ, deferrals,
+# cancels); one round is acknowledged within `produce_timeout_s` or the gateway stops.
 _OUTBOX_BATCH = 5000
+_OUTBOX_BATCH_BYTES = 8 * 1024 * 1024
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
@@ -292,10 +294,12 @@ class Intake:
         if job.key in self._cancels:
             self._finish_cancelled([entry], "on_arrival")
             return
-        # A retry or deferral read back and due is already in memory (its partition's
-        # share of `max_buffered` bounds it): it waits for room in its tenant's buffer.
-        # Sent around jobs.deferred again it cost a produce, a status record and a read
-        # per bounce, and under a flood the bounces outnumbered the jobs many times over.
+        # A retry or deferral read back and due is already in memory: it waits for room
+        # in its tenant's buffer, in a line of at most `max_queued`. Sent around
+        # jobs.deferred again it costs a produce, a status record and a read, and under
+        # a flood such bounces outnumbered the jobs many times over; but a line without
+        # a cap would hold a slow tenant's records, and with them the partitions other
+        # tenants' retries and deferrals share, until it worked them off.
         may_wait = job.source.topic in self._delayed_topics
         if not self._pools.submit(entry, may_wait=may_wait):
             self._defer(entry)
@@ -405,11 +409,12 @@ class Intake:
                 await self._outbox_wake.wait()
                 continue
             batch: list[tuple[list[OutRecord], list[Ticket]]] = []
-            count = 0
-            while outbox and count < _OUTBOX_BATCH:
+            count = size = 0
+            while outbox and count < _OUTBOX_BATCH and size < _OUTBOX_BATCH_BYTES:
                 item = outbox.popleft()
                 batch.append(item)
                 count += len(item[0])
+                size += sum(len(r.value or b"") for r in item[0])
             try:
                 await self._publisher.send([r for records, _ in batch for r in records])
             except ProduceError as exc:

@@ -42,8 +42,11 @@ class TenantQueue(Generic[T]):
     items: deque[T] = field(default_factory=deque)
     # Delayed records already in memory that came due while `items` was full: they move
     # into `items` in order as room frees, instead of bouncing back through the broker.
+    # At most `max_queued` of them, so a slow tenant's line cannot hold its partitions.
     waiting: deque[T] = field(default_factory=deque)
     running: int = 0
+    # Moving average of how long a job holds a slot (seconds; 0 until one finished).
+    hold_s: float = 0.0
     passed: float = 0.0
     started: int = 0
     # Job starts the token bucket held back at least once (rate-limited, not failed).
@@ -72,6 +75,7 @@ class FairScheduler(Generic[T]):
             return
         queue.limits = limits
         queue.bucket.reconfigure(limits.rate_per_s, limits.burst, now)
+        self._refill(queue)
 
     def tenant(self, tenant: str) -> TenantQueue[T] | None:
         """A tenant's queue and counters."""
@@ -89,11 +93,11 @@ class FairScheduler(Generic[T]):
         """Buffer a job; False when the tenant's buffer is full (overflow).
 
         With `may_wait`, a job that finds the buffer full joins the tenant's waiting
-        line instead (the caller bounds that line's memory) and True is returned.
+        line instead, while that line is shorter than `max_queued`, and True is returned.
         """
         queue = self._tenants[tenant]
         if queue.waiting or (len(queue.items) >= queue.limits.max_queued and queue.items):
-            if not may_wait:
+            if not may_wait or len(queue.waiting) >= queue.limits.max_queued:
                 return False
             queue.waiting.append(item)
             self.waiting += 1
@@ -123,9 +127,7 @@ class FairScheduler(Generic[T]):
             return None
         best.bucket.try_take(now)
         item = best.items.popleft()
-        while best.waiting and len(best.items) < best.limits.max_queued:
-            best.items.append(best.waiting.popleft())
-            self.waiting -= 1
+        self._refill(best)
         best.running += 1
         best.started += 1
         if best.rate_blocked:
@@ -136,12 +138,19 @@ class FairScheduler(Generic[T]):
         best.passed += 1.0 / best.limits.weight
         return best_id, item
 
-    def release(self, tenant: str) -> None:
-        """A job of `tenant` finished; its slot is free."""
+    def _refill(self, queue: TenantQueue[T]) -> None:
+        while queue.waiting and len(queue.items) < queue.limits.max_queued:
+            queue.items.append(queue.waiting.popleft())
+            self.waiting -= 1
+
+    def release(self, tenant: str, held_s: float | None = None) -> None:
+        """A job of `tenant` finished after holding its slot `held_s`; the slot is free."""
         queue = self._tenants.get(tenant)
         if queue is not None and queue.running > 0:
             queue.running -= 1
             queue.completed += 1
+            if held_s is not None:
+                queue.hold_s = held_s if not queue.hold_s else queue.hold_s * 0.9 + held_s * 0.1
         self.running = max(0, self.running - 1)
 
     def next_wakeup_s(self, now: float) -> float | None:
@@ -159,9 +168,9 @@ class FairScheduler(Generic[T]):
         for queue in self._tenants.values():
             queue.items = _without(queue.items, predicate, removed)
             queue.waiting = _without(queue.waiting, predicate, removed)
-            while queue.waiting and len(queue.items) < queue.limits.max_queued:
-                queue.items.append(queue.waiting.popleft())
         self.waiting = sum(len(q.waiting) for q in self._tenants.values())
+        for queue in self._tenants.values():
+            self._refill(queue)
         return removed
 
 

@@ -169,8 +169,9 @@ class Settings(BaseSettings):
     policies_dir: Path = Path("policies")
     max_inflight: int = Field(default=256, ge=1)
     # Unfinished records in memory past which partitions pause (a last resort), by
-    # count and by bytes (key + value), whichever comes first: fresh jobs pause the
-    # `jobs` partitions; each jobs.retry/jobs.deferred partition holds its share.
+    # count and by bytes (key + value), whichever comes first. Two budgets of this size:
+    # fresh jobs pause the `jobs` partitions past it, and the jobs.retry/jobs.deferred
+    # partitions share the other (each pauses alone past its share).
     max_buffered: int = Field(default=50_000, ge=1)
     max_buffered_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
     shutdown_grace_s: float = Field(default=30.0, ge=0)
@@ -228,7 +229,8 @@ def child_env(settings: Settings, overrides: Mapping[str, str] | None = None) ->
     `overrides` (full variable names).
 
     Secrets are written in clear, since the child needs them: the result goes to a
-    child's environment and nowhere else (never a log).
+    child's environment and nowhere else (never a log). A setting that is None here
+    has no variable, so a `.env` file in the child's directory could still fill it.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith(_PREFIX)}
     for name, value in settings:

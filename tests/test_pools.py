@@ -158,10 +158,11 @@ async def test_held_deferrals_pause_only_the_delayed_topics(
         await gateway.stop()
     by_id = {json.loads(r.value)["id"]: r.timestamp / 1000 for r in records}
     assert {f"f{n}" for n in range(3000)} <= set(by_id), "flood jobs lost"
-    # Each overflowing job goes around jobs.deferred once: read back and due, it waits
-    # in memory for room instead of bouncing off the full buffer again.
+    # An overflowing job goes around jobs.deferred about once: read back and due, it
+    # waits in memory for room (in a line capped at max_queued) instead of bouncing off
+    # the full buffer again. Before, this flood wrote 19,927 deferrals for 2,964 jobs.
     deferred_ids = [json.loads(r.value)["id"] for r in deferred]
-    assert len(deferred_ids) == len(set(deferred_ids)), "a deferred job was deferred again"
+    assert len(deferred_ids) <= 1.5 * len(set(deferred_ids)), "deferrals bounced"
     delays = sorted(by_id[j] - t for j, t in sent.items())
     events = [r.getMessage() for r in caplog.records if r.name == "gateway.intake"]
     assert delays[-1] < 1.5, (delays, events)
@@ -179,7 +180,7 @@ async def test_memory_bound_counts_bytes_and_loses_nothing(
         TENANT.format(id="bulky", conc=8, rate=200, burst=10, queued=2000)
     )
     configured = settings.model_copy(
-        update={"tenants_dir": tenants, "max_buffered": 100_000, "max_buffered_bytes": 100_000}
+        update={"tenants_dir": tenants, "max_buffered": 1_000, "max_buffered_bytes": 100_000}
     )
     gateway = Gateway(configured, load_catalog(tenants, configured.policies_dir))
     await gateway.start()
@@ -197,4 +198,4 @@ async def test_memory_bound_counts_bytes_and_loses_nothing(
     paused = [r for r in caplog.records if r.getMessage() == "intake_paused"]
     assert paused, "the byte bound never paused the intake"
     assert all(getattr(r, "bytes", 0) >= 100_000 for r in paused)
-    assert all(getattr(r, "outstanding", 0) < 100_000 for r in paused)
+    assert all(getattr(r, "outstanding", 0) < 1_000 for r in paused)  # not by count
