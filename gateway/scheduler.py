@@ -45,8 +45,6 @@ class TenantQueue(Generic[T]):
     # At most `max_queued` of them, so a slow tenant's line cannot hold its partitions.
     waiting: deque[T] = field(default_factory=deque)
     running: int = 0
-    # Moving average of how long a job holds a slot (seconds; 0 until one finished).
-    hold_s: float = 0.0
     passed: float = 0.0
     started: int = 0
     # Job starts the token bucket held back at least once (rate-limited, not failed).
@@ -143,14 +141,12 @@ class FairScheduler(Generic[T]):
             queue.items.append(queue.waiting.popleft())
             self.waiting -= 1
 
-    def release(self, tenant: str, held_s: float | None = None) -> None:
-        """A job of `tenant` finished after holding its slot `held_s`; the slot is free."""
+    def release(self, tenant: str) -> None:
+        """A job of `tenant` finished; its slot is free."""
         queue = self._tenants.get(tenant)
         if queue is not None and queue.running > 0:
             queue.running -= 1
             queue.completed += 1
-            if held_s is not None:
-                queue.hold_s = held_s if not queue.hold_s else queue.hold_s * 0.9 + held_s * 0.1
         self.running = max(0, self.running - 1)
 
     def next_wakeup_s(self, now: float) -> float | None:

@@ -211,19 +211,3 @@ def test_raising_the_buffer_size_moves_waiting_jobs_up_at_once() -> None:
     assert queue is not None
     assert (list(queue.items), list(queue.waiting), scheduler.waiting) == ([1, 2], [], 0)
     assert scheduler.push("t", 3)  # a fresh job no longer waits behind anyone
-
-
-def test_slot_hold_time_is_a_moving_average() -> None:
-    scheduler: FairScheduler[int] = FairScheduler(total_slots=10)
-    scheduler.configure("t", limits(), 0.0)
-    queue = scheduler.tenant("t")
-    assert queue is not None
-    for item in range(3):
-        scheduler.push("t", item)
-        scheduler.pop(0.0)
-    scheduler.release("t", 1.0)
-    assert queue.hold_s == 1.0
-    scheduler.release("t", 2.0)
-    assert abs(queue.hold_s - 1.1) < 1e-9
-    scheduler.release("t")  # no duration (e.g. a revoked slot): average unchanged
-    assert abs(queue.hold_s - 1.1) < 1e-9
