@@ -62,7 +62,6 @@ class FairScheduler(Generic[T]):
         self.running = 0
         self._tenants: dict[str, TenantQueue[T]] = {}
         self._vtime = 0.0
-        self.waiting = 0  # items in every tenant's `waiting` line
 
     def configure(self, tenant: str, limits: TenantLimits, now: float) -> None:
         """Add a tenant or change its limits (hot reload keeps queued work)."""
@@ -85,7 +84,12 @@ class FairScheduler(Generic[T]):
 
     def queued(self) -> int:
         """Jobs buffered across all tenants, waiting lines included."""
-        return sum(len(q.items) for q in self._tenants.values()) + self.waiting
+        return sum(len(q.items) + len(q.waiting) for q in self._tenants.values())
+
+    @property
+    def waiting(self) -> int:
+        """Jobs in every tenant's waiting line."""
+        return sum(len(q.waiting) for q in self._tenants.values())
 
     def push(self, tenant: str, item: T, *, may_wait: bool = False) -> bool:
         """Buffer a job; False when the tenant's buffer is full (overflow).
@@ -98,7 +102,6 @@ class FairScheduler(Generic[T]):
             if not may_wait or len(queue.waiting) >= queue.limits.max_queued:
                 return False
             queue.waiting.append(item)
-            self.waiting += 1
             return True
         if not queue.items and queue.running == 0:
             # Joining (again): start at the current virtual time, never in the past,
@@ -139,7 +142,6 @@ class FairScheduler(Generic[T]):
     def _refill(self, queue: TenantQueue[T]) -> None:
         while queue.waiting and len(queue.items) < queue.limits.max_queued:
             queue.items.append(queue.waiting.popleft())
-            self.waiting -= 1
 
     def release(self, tenant: str) -> None:
         """A job of `tenant` finished; its slot is free."""
@@ -164,8 +166,6 @@ class FairScheduler(Generic[T]):
         for queue in self._tenants.values():
             queue.items = _without(queue.items, predicate, removed)
             queue.waiting = _without(queue.waiting, predicate, removed)
-        self.waiting = sum(len(q.waiting) for q in self._tenants.values())
-        for queue in self._tenants.values():
             self._refill(queue)
         return removed
 
