@@ -42,6 +42,14 @@ _OUTBOX_BATCH = 5000
 _OUTBOX_BATCH_BYTES = 8 * 1024 * 1024
 
 
+def _over_bound(paused: bool, count: int, size: int, max_count: int, max_bytes: int) -> bool:
+    """Whether records in memory are over a bound: either the count or the bytes reach
+    it; once over, they stay over until both are back under 80% of it (hysteresis)."""
+    if paused:
+        return count >= max_count * 0.8 or size >= max_bytes * 0.8
+    return count >= max_count or size >= max_bytes
+
+
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
     def __init__(self, intake: Intake) -> None:
         self._intake = intake
@@ -203,38 +211,32 @@ class Intake:
             bytes_share = max(1, settings.max_buffered_bytes // len(delayed))
             for tp in delayed:
                 held, size = tracker.in_flight(tp), tracker.in_flight_bytes(tp)
-                if tp not in self._delayed_paused and (held >= count_share or size >= bytes_share):
-                    consumer.pause(tp)
-                    self._delayed_paused.add(tp)
-                    log.info(
-                        "delayed_intake_paused",
-                        extra={"partition": str(tp), "held": held, "bytes": size},
-                    )
-                elif (
-                    tp in self._delayed_paused
-                    and held < count_share * 0.8
-                    and size < bytes_share * 0.8
-                ):
+                was_paused = tp in self._delayed_paused
+                if _over_bound(was_paused, held, size, count_share, bytes_share) == was_paused:
+                    continue
+                extra = {"partition": str(tp), "held": held, "bytes": size}
+                if was_paused:
                     consumer.resume(tp)
                     self._delayed_paused.discard(tp)
-                    log.info(
-                        "delayed_intake_resumed",
-                        extra={"partition": str(tp), "held": held, "bytes": size},
-                    )
+                    log.info("delayed_intake_resumed", extra=extra)
+                else:
+                    consumer.pause(tp)
+                    self._delayed_paused.add(tp)
+                    log.info("delayed_intake_paused", extra=extra)
         fresh = self._assigned - delayed
         outstanding = sum(tracker.in_flight(tp) for tp in fresh)
         size = sum(tracker.in_flight_bytes(tp) for tp in fresh)
-        over = outstanding >= settings.max_buffered or size >= settings.max_buffered_bytes
-        under = (
-            outstanding < settings.max_buffered * 0.8 and size < settings.max_buffered_bytes * 0.8
+        over = _over_bound(
+            self._paused, outstanding, size, settings.max_buffered, settings.max_buffered_bytes
         )
-        if not self._paused and over:
+        if over == self._paused:
+            return
+        self._paused = over
+        if over:
             consumer.pause(*fresh)
-            self._paused = True
             log.warning("intake_paused", extra={"outstanding": outstanding, "bytes": size})
-        elif self._paused and under:
+        else:
             consumer.resume(*fresh)
-            self._paused = False
             log.info("intake_resumed", extra={"outstanding": outstanding, "bytes": size})
 
     def _take(self, tp: TopicPartition, record: Any) -> None:
