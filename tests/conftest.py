@@ -73,6 +73,25 @@ def openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VaultServer]:
         bao.stop()
 
 
+_QUOTA_TENANT = """
+id = "{id}"
+tier = "pro"
+[quota]
+max_concurrency = {conc}
+rate_per_s = {rate}
+burst = {burst}
+max_queued = {queued}
+weight = 1
+[jobs]
+allowed_types = ["echo", "sleep"]
+"""
+
+
+def quota_tenant(tenant_id: str, *, conc: int, rate: float, burst: int, queued: int) -> str:
+    """A tenant file with the given quota, allowed `echo` and `sleep` jobs."""
+    return _QUOTA_TENANT.format(id=tenant_id, conc=conc, rate=rate, burst=burst, queued=queued)
+
+
 def make_settings(bootstrap: str, **overrides: Any) -> Settings:
     """Settings for one test: unique topics and group, fast timings."""
     prefix = f"t{uuid.uuid4().hex[:8]}"

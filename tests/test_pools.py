@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,41 +17,37 @@ from gateway.catalog import load_catalog
 from gateway.service import Gateway
 from gateway.settings import Settings
 
-from conftest import JobClient, read_topic
+from conftest import JobClient, quota_tenant, read_topic
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-TENANT = """
-id = "{id}"
-tier = "pro"
-[quota]
-max_concurrency = {conc}
-rate_per_s = {rate}
-burst = {burst}
-max_queued = {queued}
-weight = 1
-[jobs]
-allowed_types = ["echo", "sleep"]
-"""
+
+@contextlib.asynccontextmanager
+async def running_gateway(
+    settings: Settings, tmp_path: Path, quotas: dict[str, dict[str, Any]], **updates: Any
+) -> AsyncIterator[Gateway]:
+    """A started gateway in this process over a catalog of `quotas` (tenant -> quota)."""
+    tenants = tmp_path / "tenants"
+    tenants.mkdir()
+    for tenant_id, quota in quotas.items():
+        (tenants / f"{tenant_id}.toml").write_text(quota_tenant(tenant_id, **quota))
+    configured = settings.model_copy(update={"tenants_dir": tenants, **updates})
+    gateway = Gateway(configured, load_catalog(tenants, configured.policies_dir))
+    await gateway.start()
+    try:
+        yield gateway
+    finally:
+        await gateway.stop()
 
 
 @pytest.fixture
 async def gateway(settings: Settings, tmp_path: Path) -> AsyncIterator[Gateway]:
-    tenants = tmp_path / "tenants"
-    tenants.mkdir()
-    (tenants / "flood.toml").write_text(
-        TENANT.format(id="flood", conc=40, rate=600, burst=50, queued=200)
-    )
-    (tenants / "quiet.toml").write_text(
-        TENANT.format(id="quiet", conc=4, rate=20, burst=5, queued=50)
-    )
-    configured = settings.model_copy(update={"tenants_dir": tenants, "max_inflight": 64})
-    running = Gateway(configured, load_catalog(tenants, configured.policies_dir))
-    await running.start()
-    try:
+    quotas = {
+        "flood": {"conc": 40, "rate": 600, "burst": 50, "queued": 200},
+        "quiet": {"conc": 4, "rate": 20, "burst": 5, "queued": 50},
+    }
+    async with running_gateway(settings, tmp_path, quotas, max_inflight=64) as running:
         yield running
-    finally:
-        await running.stop()
 
 
 async def test_flood_does_not_delay_quiet_tenant_and_nothing_is_lost(
@@ -91,15 +89,8 @@ async def test_overflow_of_a_concurrency_bound_tenant_comes_back_paced(
     # No rate limit: only max_concurrency bounds how fast its buffer drains, so the
     # deferral delay cannot come from the rate alone (it used to be the 50 ms floor,
     # and the overflow bounced between a full buffer and jobs.deferred all run long).
-    tenants = tmp_path / "tenants"
-    tenants.mkdir()
-    (tenants / "slow.toml").write_text(
-        TENANT.format(id="slow", conc=4, rate=100000, burst=100000, queued=40)
-    )
-    configured = settings.model_copy(update={"tenants_dir": tenants})
-    gateway = Gateway(configured, load_catalog(tenants, configured.policies_dir))
-    await gateway.start()
-    try:
+    quotas = {"slow": {"conc": 4, "rate": 100000, "burst": 100000, "queued": 40}}
+    async with running_gateway(settings, tmp_path, quotas):
         await client.job("slow", "warm", "sleep", seconds=0.02)  # one hold time measured
         await client.flush()
         await read_topic(settings, settings.topics.results, until=1, timeout_s=30)
@@ -110,8 +101,6 @@ async def test_overflow_of_a_concurrency_bound_tenant_comes_back_paced(
         records = await read_topic(
             settings, settings.topics.results, until=jobs + 1, timeout_s=60, settle_s=0.3
         )
-    finally:
-        await gateway.stop()
     done = {json.loads(r.value)["id"] for r in records}
     assert {f"s{n}" for n in range(jobs)} <= done
     deferred = await read_topic(settings, settings.topics.deferred, timeout_s=5)
@@ -127,18 +116,11 @@ async def test_held_deferrals_pause_only_the_delayed_topics(
     # A flood far beyond its buffer fills the timer heap with deferred records. Past the
     # memory bound only jobs.retry/jobs.deferred may pause: the quiet tenant's fresh jobs
     # on `jobs` keep being fetched and start within its own quota's delay.
-    tenants = tmp_path / "tenants"
-    tenants.mkdir()
-    (tenants / "flood.toml").write_text(
-        TENANT.format(id="flood", conc=16, rate=300, burst=10, queued=20)
-    )
-    (tenants / "quiet.toml").write_text(
-        TENANT.format(id="quiet", conc=4, rate=50, burst=5, queued=50)
-    )
-    configured = settings.model_copy(update={"tenants_dir": tenants, "max_buffered": 600})
-    gateway = Gateway(configured, load_catalog(tenants, configured.policies_dir))
-    await gateway.start()
-    try:
+    quotas = {
+        "flood": {"conc": 16, "rate": 300, "burst": 10, "queued": 20},
+        "quiet": {"conc": 4, "rate": 50, "burst": 5, "queued": 50},
+    }
+    async with running_gateway(settings, tmp_path, quotas, max_buffered=600):
         with caplog.at_level(logging.INFO, logger="gateway.intake"):
             for n in range(3000):
                 await client.job("flood", f"f{n}", "echo", n=n)
@@ -154,8 +136,6 @@ async def test_held_deferrals_pause_only_the_delayed_topics(
                 settings, settings.topics.results, until=3010, timeout_s=90, settle_s=0.3
             )
             deferred = await read_topic(settings, settings.topics.deferred, timeout_s=20)
-    finally:
-        await gateway.stop()
     by_id = {json.loads(r.value)["id"]: r.timestamp / 1000 for r in records}
     assert {f"f{n}" for n in range(3000)} <= set(by_id), "flood jobs lost"
     # An overflowing job goes around jobs.deferred about once: read back and due, it
@@ -174,17 +154,9 @@ async def test_memory_bound_counts_bytes_and_loses_nothing(
 ) -> None:
     # Few records but large ones: the byte bound, not the record count, pauses `jobs`,
     # and every job still finishes once the buffered bytes are worked off.
-    tenants = tmp_path / "tenants"
-    tenants.mkdir()
-    (tenants / "bulky.toml").write_text(
-        TENANT.format(id="bulky", conc=8, rate=200, burst=10, queued=2000)
-    )
-    configured = settings.model_copy(
-        update={"tenants_dir": tenants, "max_buffered": 1_000, "max_buffered_bytes": 100_000}
-    )
-    gateway = Gateway(configured, load_catalog(tenants, configured.policies_dir))
-    await gateway.start()
-    try:
+    quotas = {"bulky": {"conc": 8, "rate": 200, "burst": 10, "queued": 2000}}
+    bounds = {"max_buffered": 1_000, "max_buffered_bytes": 100_000}
+    async with running_gateway(settings, tmp_path, quotas, **bounds):
         with caplog.at_level(logging.INFO, logger="gateway.intake"):
             for n in range(600):
                 await client.job("bulky", f"b{n}", "echo", pad="x" * 2000)
@@ -192,8 +164,6 @@ async def test_memory_bound_counts_bytes_and_loses_nothing(
             records = await read_topic(
                 settings, settings.topics.results, until=600, timeout_s=60, settle_s=0.3
             )
-    finally:
-        await gateway.stop()
     assert {json.loads(r.value)["id"] for r in records} == {f"b{n}" for n in range(600)}
     paused = [r for r in caplog.records if r.getMessage() == "intake_paused"]
     assert paused, "the byte bound never paused the intake"

@@ -20,22 +20,9 @@ import pytest
 
 from gateway.settings import Settings
 
-from conftest import GatewayProcess, JobClient, read_topic, wait_for
+from conftest import GatewayProcess, JobClient, quota_tenant, read_topic, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-TENANT = """
-id = "{id}"
-tier = "pro"
-[quota]
-max_concurrency = {conc}
-rate_per_s = {rate}
-burst = {burst}
-max_queued = {queued}
-weight = 1
-[jobs]
-allowed_types = ["echo", "sleep"]
-"""
 
 
 def _epoch(stamp: str) -> float:
@@ -79,7 +66,7 @@ async def test_hot_reload_changes_the_measured_start_rate(
     path = tenants / "tuned.toml"
     # The buffer holds the whole backlog: jobs already sent to jobs.deferred keep the
     # not-before computed at the old rate, which is not what this test measures.
-    path.write_text(TENANT.format(id="tuned", conc=20, rate=5, burst=1, queued=500))
+    path.write_text(quota_tenant("tuned", conc=20, rate=5, burst=1, queued=500))
     configured = settings.model_copy(update={"tenants_dir": tenants})
     process = gateway_process(configured, "reload", GATEWAY_CATALOG_POLL_S="0")  # SIGHUP only
     process.start()
@@ -89,7 +76,7 @@ async def test_hot_reload_changes_the_measured_start_rate(
     await _first_result(configured)
     await asyncio.sleep(4.5)
 
-    path.write_text(TENANT.format(id="tuned", conc=20, rate=20, burst=1, queued=500))
+    path.write_text(quota_tenant("tuned", conc=20, rate=20, burst=1, queued=500))
     process.signal(signal.SIGHUP)
     await wait_for(lambda: _events(process, "catalog_reloaded"), 10)
     reloaded = _events(process, "catalog_reloaded")[0]["ts"]
@@ -111,9 +98,7 @@ async def test_two_replicas_share_a_tenant_rate(
 ) -> None:
     tenants = tmp_path / "tenants"
     tenants.mkdir()
-    (tenants / "paced.toml").write_text(
-        TENANT.format(id="paced", conc=8, rate=40, burst=4, queued=300)
-    )
+    (tenants / "paced.toml").write_text(quota_tenant("paced", conc=8, rate=40, burst=4, queued=300))
     quick_group = settings.kafka.model_copy(
         update={"session_timeout_ms": 3000, "heartbeat_interval_ms": 300}
     )
