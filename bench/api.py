@@ -112,6 +112,11 @@ def runqueue_wait_s(pid: int) -> float:
     return total / 1e9
 
 
+def cpu_s(processes: list[psutil.Process]) -> float:
+    """User plus system CPU seconds of these processes so far."""
+    return sum(sum(p.cpu_times()[:2]) for p in processes)
+
+
 # From --gateway-env: settings to try on the gateway under test.
 GATEWAY_ENV: dict[str, str] = {}
 
@@ -321,7 +326,9 @@ async def main(
     with broker() as tansu:
         settings = await bench_settings(tansu.bootstrap, tenants)
         proc, port = await start_gateway(settings, logs / "gateway.log")
+        # The gateway process and its API process (gateway.apiprocess).
         gateway_ps = psutil.Process(proc.pid)
+        family = [gateway_ps, *gateway_ps.children(recursive=True)]
         context = multiprocessing.get_context("spawn")
         acked, go = context.Value("q", 0), context.Event()
         prefix, warm = f"j{uuid.uuid4().hex[:6]}-", 1000
@@ -344,21 +351,23 @@ async def main(
             while acked.value < warm:  # ids to ask for from the first request on
                 await asyncio.sleep(0.05)
             await asyncio.sleep(3.0)
-            idle_cpu = sum(gateway_ps.cpu_times()[:2])
+            idle_cpu = cpu_s(family)
             baseline = await get_load(port, jobs, rate, baseline_s, conns)
-            idle_cpu = (sum(gateway_ps.cpu_times()[:2]) - idle_cpu) / baseline.wall_s
+            idle_cpu = (cpu_s(family) - idle_cpu) / baseline.wall_s
 
             load_before = os.getloadavg()
-            cpu_before = gateway_ps.cpu_times()
-            waited_before = runqueue_wait_s(proc.pid)
+            cpu_before = [cpu_s([p]) for p in family]
+            waited_before = [runqueue_wait_s(p.pid) for p in family]
             own_before = time.process_time()
             start_ms = int(time.time() * 1000)
             go.set()
             loaded = await get_load(port, jobs, rate, duration_s, conns)
             end_ms = int(time.time() * 1000)
             own_cpu = time.process_time() - own_before
-            cpu_after = gateway_ps.cpu_times()
-            waited = runqueue_wait_s(proc.pid) - waited_before
+            cpu_after = [cpu_s([p]) for p in family]
+            waited = [
+                runqueue_wait_s(p.pid) - w for p, w in zip(family, waited_before, strict=True)
+            ]
             load_after = os.getloadavg()
             await asyncio.to_thread(producer.join, 30)
         finally:
@@ -368,7 +377,7 @@ async def main(
             code = await asyncio.wait_for(proc.wait(), 60)
         finished, total = await count_results(settings, start_ms, end_ms)
 
-    gateway_cpu = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
+    used = [after - before for after, before in zip(cpu_after, cpu_before, strict=True)]
     window_s = (end_ms - start_ms) / 1000
     print(
         f"GET /v1/jobs/{{id}} at {rate:g}/s over {conns} keep-alive connections; ms from the scheduled send"
@@ -384,14 +393,19 @@ async def main(
     print(
         f"jobs: {acked.value} sent, {total} results; {finished / window_s:.0f} jobs/s finished in the loaded window"
     )
-    print(f"gateway CPU in the baseline window: {idle_cpu * 100:.0f}% of one core")
+    names = ["gateway", "API process", "other child"][: len(family)]
     print(
-        f"gateway threads runnable but waiting for a CPU in the loaded window: "
-        f"{waited:.1f} s of {window_s:.0f} s"
+        f"gateway CPU (all its processes) in the baseline window: {idle_cpu * 100:.0f}% of one core"
     )
     print(
-        f"CPU in the loaded window: gateway {gateway_cpu / window_s * 100:.0f}%, HTTP client "
-        f"{own_cpu / window_s * 100:.0f}% of one core; gateway exit code {code}"
+        "threads runnable but waiting for a CPU in the loaded window: "
+        + ", ".join(f"{n} {w:.1f} s" for n, w in zip(names, waited, strict=False))
+        + f" of {window_s:.0f} s"
+    )
+    print(
+        "CPU in the loaded window: "
+        + ", ".join(f"{n} {u / window_s * 100:.0f}%" for n, u in zip(names, used, strict=False))
+        + f", HTTP client {own_cpu / window_s * 100:.0f}% of one core; gateway exit code {code}"
     )
     print(
         f"load average (1 min) before/after the loaded window: {load_before[0]:.2f} / {load_after[0]:.2f} "

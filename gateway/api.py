@@ -6,10 +6,9 @@ every id (one membership test per tenant in the catalog) to learn whether the id
 belongs to someone else; that only decides whether the attempt is audited and
 counted. The answer is one and the same 404 either way (invariant 3).
 
-Handlers run on the HTTP server's own thread and loop (`gateway.httpserver`). They
-read the status view (which locks) and the catalog (an immutable snapshot) directly;
-anything else of the gateway's (the producer, readiness checks) runs on the gateway's
-main loop through `_on_main`.
+Handlers run in the API process (`gateway.apiprocess`), on its own loop: they read its
+status view and catalog directly, produce through its own producer, and reach the
+gateway process (readiness, metrics, denial counts) through the callables given.
 """
 
 from __future__ import annotations
@@ -19,8 +18,8 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.applications import Starlette
@@ -32,10 +31,8 @@ from gateway.audit import audit_cross_tenant
 from gateway.catalog import Catalog, Tenant, hash_api_key
 from gateway.envelope import MAX_ID_LENGTH
 from gateway.errors import ProduceError
-from gateway.flows import JobTypes
-from gateway.metrics import CONTENT_TYPE, Metrics
+from gateway.metrics import CONTENT_TYPE
 from gateway.openapi import openapi_document
-from gateway.publisher import Publisher
 from gateway.records import TERMINAL, OutRecord, Status, cancel_record, dumps, rfc3339
 from gateway.records import status_record as make_status_record
 from gateway.settings import Settings
@@ -45,10 +42,10 @@ __all__ = ["ControlApi", "JobSubmission"]
 
 log = logging.getLogger("gateway.api")
 
-Readiness = Callable[[], Coroutine[Any, Any, list[str]]]
-T = TypeVar("T")
+Readiness = Callable[[], Awaitable[list[str]]]
+Publish = Callable[[Sequence[OutRecord]], Awaitable[None]]
 
-# Bound on the readiness checks as a whole; past it the main loop counts as stuck.
+# Bound on the readiness checks as a whole; past it the gateway counts as stuck.
 _READINESS_TIMEOUT_S = 5.0
 
 
@@ -86,39 +83,36 @@ def _not_found() -> JSONResponse:
 
 
 class ControlApi:
-    """Request handlers over the gateway's status view, publisher and catalog."""
+    """Request handlers over a status view, a producer and the catalog in force.
+
+    `job_types` are the registered type names; `publish` produces records and returns
+    once they are acknowledged (raising ProduceError); `readiness` gives the reasons the
+    gateway is not ready; `render_metrics` the Prometheus text of its registry;
+    `on_denied(tenant, action)` counts one cross-tenant attempt.
+    """
 
     def __init__(
         self,
         *,
         settings: Settings,
         catalog: Callable[[], Catalog],
-        job_types: JobTypes,
-        publisher: Publisher,
+        job_types: Collection[str],
+        publish: Publish,
         status_view: StatusView,
-        metrics: Metrics,
         readiness: Readiness,
+        render_metrics: Callable[[], Awaitable[bytes]],
+        on_denied: Callable[[str, str], None],
     ) -> None:
         self._settings = settings
         self._topics = settings.topics
         self._catalog = catalog
-        self._types = job_types
-        self._publisher = publisher
+        self._types = frozenset(job_types)
+        self._publish = publish
         self._status = status_view
-        self._metrics = metrics
         self._readiness = readiness
+        self._render_metrics = render_metrics
+        self._on_denied = on_denied
         self._keys_of: tuple[Catalog | None, tuple[tuple[str, Tenant], ...]] = (None, ())
-        self._main: asyncio.AbstractEventLoop | None = None
-
-    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        """The gateway's main loop, on which the producer and readiness checks run."""
-        self._main = loop
-
-    async def _on_main(self, coro: Coroutine[Any, Any, T]) -> T:
-        main = self._main
-        if main is None or main is asyncio.get_running_loop():
-            return await coro
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, main))
 
     def app(self) -> Starlette:
         """The ASGI application."""
@@ -216,18 +210,15 @@ class ControlApi:
         record = OutRecord(self._topics.jobs, job_id.encode(), value, headers)
         seen = JobStatus(tenant.id, job_id, Status.QUEUED, 1, rfc3339(now))
 
-        async def publish() -> None:
+        try:
             # `queued` is acknowledged before the job exists, so no replica can publish
             # `running` ahead of it on the job's status partition.
-            await self._publisher.send([queued])
-            await self._publisher.send([record])
-            self._status.observe(seen)
-
-        try:
-            await self._on_main(publish())
+            await self._publish([queued])
+            await self._publish([record])
         except ProduceError as exc:
             log.warning("submit_failed", extra={"tenant": tenant.id, "error": exc.code})
             return _error(503, "unavailable", "the job could not be queued; try again")
+        self._status.observe(seen)
         log.info("job_submitted", extra={"tenant": tenant.id, "job_id": job_id})
         return JSONResponse({"id": job_id, "status": Status.QUEUED.value}, status_code=202)
 
@@ -276,7 +267,7 @@ class ControlApi:
             self._topics.control, tenant=tenant.id, job_id=job_id, at=time.time()
         )
         try:
-            await self._on_main(self._publisher.send([command]))
+            await self._publish([command])
         except ProduceError as exc:
             log.warning("cancel_failed", extra={"tenant": tenant.id, "error": exc.code})
             return _error(503, "unavailable", "the cancel could not be sent; try again")
@@ -294,7 +285,7 @@ class ControlApi:
             client = request.client
             source = f"{client.host}:{client.port}" if client is not None else "unknown"
             audit_cross_tenant(tenant=caller, job_id=job_id, action=action, source=source)
-            self._metrics.cross_tenant_denials.labels(tenant=caller, action=action).inc()
+            self._on_denied(caller, action)
         return _not_found()
 
     async def _read_body(self, request: Request) -> bytes | Response:
@@ -321,16 +312,20 @@ class ControlApi:
     async def readyz(self, _: Request) -> Response:
         """`GET /readyz`: 200 once every readiness check passes, else 503 with reasons."""
         try:
-            reasons = await asyncio.wait_for(self._on_main(self._readiness()), _READINESS_TIMEOUT_S)
+            reasons = await asyncio.wait_for(self._readiness(), _READINESS_TIMEOUT_S)
         except TimeoutError:
-            reasons = [f"main loop did not answer within {_READINESS_TIMEOUT_S:g}s"]
+            reasons = [f"readiness checks did not answer within {_READINESS_TIMEOUT_S:g}s"]
         if reasons:
             return JSONResponse({"ready": False, "reasons": reasons}, status_code=503)
         return JSONResponse({"ready": True, "reasons": []})
 
     async def metrics(self, _: Request) -> Response:
         """`GET /metrics`: the gateway's registry in the Prometheus text format."""
-        return Response(self._metrics.render(), media_type=CONTENT_TYPE)
+        try:
+            rendered = await self._render_metrics()
+        except (ConnectionError, TimeoutError):
+            return _error(503, "unavailable", "the gateway process did not answer")
+        return Response(rendered, media_type=CONTENT_TYPE)
 
 
 def _invalid(exc: ValidationError) -> JSONResponse:

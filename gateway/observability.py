@@ -60,14 +60,21 @@ class PlainFormatter(logging.Formatter):
 
 
 def configure_logging(
-    fmt: str = "auto", level: str = "INFO", replica: str = "", stream: TextIO | None = None
+    fmt: str = "auto",
+    level: str = "INFO",
+    replica: str = "",
+    stream: TextIO | None = None,
+    *,
+    handler: logging.Handler | None = None,
 ) -> None:
-    """Route every gateway log line to `stream` (stderr) in the chosen format."""
+    """Route every gateway log line to `stream` (stderr) in the chosen format, or to
+    `handler` as it is (the API process forwards records to the gateway's logging)."""
     _REPLICA["value"] = replica
-    stream = stream if stream is not None else sys.stderr
-    use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter() if use_json else PlainFormatter())
+    if handler is None:
+        stream = stream if stream is not None else sys.stderr
+        use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(JsonFormatter() if use_json else PlainFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

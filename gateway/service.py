@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 import signal
@@ -12,15 +11,15 @@ from collections.abc import Awaitable, Callable, Hashable
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from gateway.api import ControlApi
+from gateway.apiprocess import ApiProcess
 from gateway.catalog import Catalog, load_catalog
 from gateway.collectors import PoolCollector, VaultCollector
 from gateway.control import CancelCommand, ControlListener, PendingCancels
 from gateway.errors import GatewayError
 from gateway.flows import JobTypes, load_job_types
 from gateway.history import TerminalHistory
-from gateway.httpserver import HttpServer
 from gateway.intake import Intake
+from gateway.memory import tune_gc
 from gateway.metrics import Metrics
 from gateway.pools import Entry, Pools
 from gateway.publisher import Publisher
@@ -77,9 +76,8 @@ class Gateway:
             settings.topics.status,
             self.history,
             settings.history_size,
-            # Result records are kept only to answer GET /v1/jobs/{id}.
-            results_topic=settings.topics.results if settings.http.enabled else None,
-            result_cache_bytes=settings.http.result_cache_bytes,
+            # Result records are kept only to answer GET /v1/jobs/{id}, and the API
+            # process (gateway.apiprocess) keeps its own view for that.
         )
         self.pending_cancels = PendingCancels(
             settings.control.max_pending_cancels, settings.control.cancel_ttl_s
@@ -116,19 +114,15 @@ class Gateway:
         self.readiness_checks: list[ReadinessCheck] = []
         if self.secrets is not None:
             self.readiness_checks.append(self._vault_ready)
-        self.http: HttpServer | None = None
-        self.api: ControlApi | None = None
+        self.api: ApiProcess | None = None
         if settings.http.enabled:
-            self.api = api = ControlApi(
-                settings=settings,
-                catalog=self.catalog,
-                job_types=self.job_types,
-                publisher=self.publisher,
-                status_view=self.status_view,
-                metrics=self.metrics,
+            self.api = ApiProcess(
+                settings,
+                catalog,
+                self.job_types,
                 readiness=self.not_ready_reasons,
+                metrics=self.metrics,
             )
-            self.http = HttpServer(api.app(), settings.http)
         self._assigned_once = False
         self.reloader = CatalogReloader(
             settings.tenants_dir, settings.policies_dir, self.apply_catalog, settings.catalog_poll_s
@@ -155,6 +149,8 @@ class Gateway:
         """Swap the catalog: new limits for new admissions; removed tenants' jobs are DLQ'd."""
         self._catalog = catalog
         self.pools.apply_catalog(catalog)
+        if self.api is not None:
+            self.api.update_catalog(catalog)
 
     def _finish(self, entry: Entry) -> None:
         self.intake.finish_entry(entry)
@@ -169,7 +165,7 @@ class Gateway:
     @property
     def http_port(self) -> int | None:
         """The port the HTTP API listens on (useful with port 0), or None when disabled."""
-        return self.http.port if self.http is not None else None
+        return self.api.port if self.api is not None else None
 
     async def not_ready_reasons(self) -> list[str]:
         """Why this replica is not ready to serve (empty when it is)."""
@@ -223,9 +219,8 @@ class Gateway:
         await self.publisher.start()
         await self.status_view.start()
         await self.control.start()
-        if self.http is not None and self.api is not None:
-            self.api.attach(asyncio.get_running_loop())
-            await self.http.start()
+        if self.api is not None:
+            await self.api.start()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(
                 asyncio.gather(self.status_view.caught_up.wait(), self.control.caught_up.wait()),
@@ -250,7 +245,7 @@ class Gateway:
     async def stop(self) -> None:
         """Shutdown order, in one place:
 
-        0. stop the HTTP API (requests under way finish, bounded);
+        0. stop the HTTP API process (requests under way finish, bounded);
         1. stop fetching (held retries/deferrals are dropped, not committed);
         2. stop starting jobs; running ones get `shutdown_grace_s`, then are cancelled
            (their records stay uncommitted and are redelivered);
@@ -263,8 +258,8 @@ class Gateway:
             return
         self._stopping = True
         self._stopped.set()
-        if self.http is not None:
-            await self.http.stop()
+        if self.api is not None:
+            await self.api.stop()
         await self.reloader.stop()
         await self.intake.stop_fetching()
         await self.pools.stop(self.settings.shutdown_grace_s)
@@ -277,18 +272,6 @@ class Gateway:
         if self.secrets is not None:
             await self.secrets.stop()
         log.info("gateway_stopped", extra={"exit_code": self.exit_code})
-
-
-def tune_gc(settings: Settings) -> None:
-    """Collect young garbage less often, and move what start-up built (catalog, modules,
-    clients) out of the collector's sight: it lives as long as the process."""
-    if settings.gc_threshold:
-        # Older generations at 5 and 10 young collections: with 50, a generation-1
-        # collection gathered the survivors of 50 x 20,000 allocations and held the
-        # loop for 164 ms under a flood (a quiet tenant's p99 spike); with 5 the
-        # longest was 45 ms, for about 5% of `echo` throughput.
-        gc.set_threshold(settings.gc_threshold, 5, 10)
-    gc.freeze()
 
 
 async def run_gateway(settings: Settings) -> int:

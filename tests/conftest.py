@@ -119,8 +119,9 @@ def make_settings(bootstrap: str, **overrides: Any) -> Settings:
         "tenants_dir": ROOT / "tenants",
         "policies_dir": ROOT / "policies",
         "shutdown_grace_s": 5.0,
-        # In-process gateways serve the HTTP API on a free port (see Gateway.http_port).
-        "http": {"port": 0},
+        # No HTTP API (its own process) unless a test asks: `http={"port": 0}` serves it
+        # on a free port (see Gateway.http_port).
+        "http": {"port": 0, "enabled": False},
         "retry": {"base_s": 0.2, "factor": 2.0, "cap_s": 2.0, "jitter": 0.5, "max_attempts": 3},
     }
     values.update(overrides)

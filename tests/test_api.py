@@ -10,8 +10,11 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
+import pickle
 import re
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -27,14 +30,19 @@ import jsonschema
 import pytest
 import pytest_asyncio
 from penguiflow import Headers, Message, Node, NodePolicy
+from pydantic import SecretStr
 from starlette.routing import Route
 
+from gateway.api import ControlApi
+from gateway.apiprocess import child_settings
 from gateway.catalog import load_catalog
 from gateway.flows import FlowGraph, JobContext, JobTypes, builtin_job_types
+from gateway.history import TerminalHistory
 from gateway.observability import JsonFormatter
 from gateway.service import Gateway, ensure_topics
 from gateway.services import Tansu
-from gateway.settings import Settings
+from gateway.settings import Settings, VaultSettings
+from gateway.statusview import StatusView
 
 from conftest import committed_offsets, make_settings, read_topic, wait_for
 
@@ -621,7 +629,18 @@ async def test_openapi_document_matches_the_routes(live: Live) -> None:
     documented = {
         (path, method.upper()) for path, ops in document["paths"].items() for method in ops
     }
-    app = live.gateway.http.app if live.gateway.http is not None else None
+    app = ControlApi(
+        settings=live.settings,
+        catalog=lambda: load_catalog(live.settings.tenants_dir, live.settings.policies_dir),
+        job_types=builtin_job_types(),
+        publish=_never,
+        status_view=StatusView(
+            live.settings.kafka, live.settings.topics.status, TerminalHistory(1), 1
+        ),
+        readiness=_never,
+        render_metrics=_never,
+        on_denied=lambda tenant, action: None,
+    ).app()
     routes = {
         (route.path.replace("{job_id:path}", "{id}"), method)
         for route in getattr(app, "routes", [])
@@ -651,9 +670,23 @@ async def test_answers_are_not_held_back_by_delayed_acks(live: Live) -> None:
     assert sorted(timings)[10] < 0.02, timings
 
 
+async def _ready(client: httpx.AsyncClient) -> bool:
+    return (await client.get("/readyz")).status_code == 200
+
+
+async def _status_is(client: httpx.AsyncClient, job_id: str, status: str) -> bool:
+    response = await client.get(f"/v1/jobs/{job_id}", headers=auth("acme"))
+    return response.status_code == 200 and response.json()["status"] == status
+
+
+async def _never(*_: Any) -> Any:
+    raise AssertionError("not called")
+
+
 async def test_api_answers_while_the_job_loop_is_busy(live: Live) -> None:
-    # The API has its own thread and loop: a burst of job work on the gateway's main
-    # loop (here 0.6 s of pure CPU) does not hold answers back until it ends.
+    # The API has its own process: a burst of job work on the gateway's loop (here
+    # 0.6 s of pure CPU, holding the gateway's interpreter lock) does not hold answers
+    # back until it ends.
     port = live.gateway.http_port
     assert port is not None
 
@@ -670,3 +703,30 @@ async def test_api_answers_while_the_job_loop_is_busy(live: Live) -> None:
     while time.perf_counter() < until:  # the main loop is blocked, holding the GIL
         pass
     assert await answered < 0.3
+
+
+async def test_api_process_gets_no_vault_credentials(live: Live) -> None:
+    settings = live.settings.model_copy(
+        update={"vault": VaultSettings(token=SecretStr("s.parent-only"), role_id="r")}
+    )
+    child = child_settings(settings)
+    assert not child.vault.configured
+    assert "s.parent-only" not in pickle.dumps(child).decode("latin-1")
+    assert child.kafka.client_id.endswith("-api")
+
+
+async def test_api_process_is_restarted_after_it_dies(live: Live) -> None:
+    # Last in the module: the API process is replaced. Connections wait in the
+    # gateway's listen backlog meanwhile; the same port answers again.
+    api = live.gateway.api
+    assert api is not None
+    assert api.pid is not None
+    killed = api.pid
+    os.kill(killed, signal.SIGKILL)
+    await wait_for(lambda: api.restarts == 1 and api.pid not in (None, killed), 20)
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{live.gateway.http_port}", timeout=10
+    ) as fresh:
+        await wait_for(lambda: _ready(fresh), 20)
+        job_id = await submit(live, "acme", "echo", payload={"after": "restart"})
+        await wait_for(lambda: _status_is(fresh, job_id, "succeeded"), 20)

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from gateway.settings import Settings
@@ -27,6 +28,22 @@ def http_port(process: GatewayProcess) -> int | None:
         if line.get("event") == "http_started":
             return int(line["port"])
     return None
+
+
+def api_pid(process: GatewayProcess) -> int:
+    """The PID of the replica's API process, from its `api_process_started` log line."""
+    return next(
+        int(line["pid"])
+        for line in process.log_lines()
+        if line.get("event") == "api_process_started"
+    )
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 async def until(
@@ -96,10 +113,14 @@ async def test_submit_on_one_replica_read_and_cancel_on_the_other(
         again = await a.post(f"/v1/jobs/{sleep_id}/cancel", headers=ACME)
         assert again.status_code == 409
 
-    for process in (one, two):
-        process.signal(signal.SIGTERM)
-    assert one.wait(30) == 0
+    # A replica killed outright takes its API process with it (the channel closes);
+    # the other stops in order, its API process first.
+    orphan = api_pid(one)
+    one.kill()
+    await wait_for(lambda: not alive(orphan), 10)
+    two.signal(signal.SIGTERM)
     assert two.wait(30) == 0
+    assert not alive(api_pid(two))
     audits = [
         line
         for process in (one, two)

@@ -13,7 +13,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from gateway.errors import ConfigError
-from gateway.httpserver import HttpServer
+from gateway.httpserver import HttpServer, bind
 from gateway.settings import HttpSettings
 
 
@@ -29,16 +29,14 @@ async def test_taken_port_is_a_clear_error() -> None:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        server = HttpServer(APP, HttpSettings(port=port))
         with pytest.raises(ConfigError, match=f"127.0.0.1:{port}"):
-            await server.start()
-        await server.stop()
+            bind("127.0.0.1", port)
 
 
 async def test_free_port_serves_and_signal_handlers_stay() -> None:
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     server = HttpServer(APP, HttpSettings(port=0))
-    await server.start()
+    await server.start(bind("127.0.0.1", 0))
     try:
         assert server.port
         assert {sig: signal.getsignal(sig) for sig in before} == before
