@@ -365,6 +365,7 @@ async def main(
             end_ms = int(time.time() * 1000)
             own_cpu = time.process_time() - own_before
             cpu_after = [cpu_s([p]) for p in family]
+            rss_mib = [p.memory_info().rss / 2**20 for p in family]
             waited = [
                 runqueue_wait_s(p.pid) - w for p, w in zip(family, waited_before, strict=True)
             ]
@@ -406,6 +407,10 @@ async def main(
         "CPU in the loaded window: "
         + ", ".join(f"{n} {u / window_s * 100:.0f}%" for n, u in zip(names, used, strict=False))
         + f", HTTP client {own_cpu / window_s * 100:.0f}% of one core; gateway exit code {code}"
+    )
+    print(
+        "resident memory after the loaded window: "
+        + ", ".join(f"{n} {m:.0f} MiB" for n, m in zip(names, rss_mib, strict=False))
     )
     print(
         f"load average (1 min) before/after the loaded window: {load_before[0]:.2f} / {load_after[0]:.2f} "

@@ -280,7 +280,8 @@ def openapi_document(settings: Settings, submission_schema: dict[str, Any]) -> d
                         "200": {
                             "description": "Metrics.",
                             "content": {"text/plain": {"schema": {"type": "string"}}},
-                        }
+                        },
+                        "503": _json("Error", "The gateway process did not answer."),
                     },
                 }
             },
