@@ -23,6 +23,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.applications import Starlette
+from starlette.convertors import Convertor, register_url_convertor
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -124,13 +126,14 @@ class ControlApi:
         return Starlette(
             routes=[
                 Route("/v1/jobs", self.submit, methods=["POST"]),
-                Route("/v1/jobs/{job_id:path}/cancel", self.cancel, methods=["POST"]),
-                Route("/v1/jobs/{job_id:path}", self.get, methods=["GET"]),
+                Route("/v1/jobs/{job_id:job_id}/cancel", self.cancel, methods=["POST"]),
+                Route("/v1/jobs/{job_id:job_id}", self.get, methods=["GET"]),
                 Route("/healthz", self.healthz, methods=["GET"]),
                 Route("/readyz", self.readyz, methods=["GET"]),
                 Route("/metrics", self.metrics, methods=["GET"]),
                 Route("/openapi.json", openapi, methods=["GET"]),
-            ]
+            ],
+            exception_handlers={HTTPException: _http_error},
         )
 
     # -- authentication ------------------------------------------------------
@@ -326,6 +329,33 @@ class ControlApi:
         except (ConnectionError, TimeoutError):
             return _error(503, "unavailable", "the gateway process did not answer")
         return Response(rendered, media_type=CONTENT_TYPE)
+
+
+class _JobIdConvertor(Convertor[str]):
+    """Any job id, newlines and all (Starlette's `path` stops at a newline): every id
+    reaches the handler, so an odd one gets the same 401 or 404 as any other."""
+
+    regex = "[\\s\\S]*"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("job_id", _JobIdConvertor())
+
+
+async def _http_error(_: Request, exc: Exception) -> Response:
+    """Starlette's own answers (no such route, method not allowed) in the API's format."""
+    assert isinstance(exc, HTTPException)
+    error = "not_found" if exc.status_code == 404 else "method_not_allowed"
+    if exc.status_code not in (404, 405):
+        error = "http_error"
+    response = _error(exc.status_code, error, exc.detail)
+    response.headers.update(exc.headers or {})
+    return response
 
 
 def _invalid(exc: ValidationError) -> JSONResponse:

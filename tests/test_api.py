@@ -642,7 +642,7 @@ async def test_openapi_document_matches_the_routes(live: Live) -> None:
         on_denied=lambda tenant, action: None,
     ).app()
     routes = {
-        (route.path.replace("{job_id:path}", "{id}"), method)
+        (route.path.replace("{job_id:job_id}", "{id}"), method)
         for route in getattr(app, "routes", [])
         if isinstance(route, Route)
         for method in route.methods or ()
