@@ -595,8 +595,13 @@ async def test_new_key_from_the_cli_authenticates_once_in_the_tenant_file(
     old = hashlib.sha256(KEYS["solo"].encode()).hexdigest()
     path.write_text(path.read_text().replace(f'["{old}"]', f'["{old}", "{digest}"]'))
     assert live.gateway.reloader.reload()
-    # The new key is solo's now: its own unknown job is a 404, not a 401.
-    assert (await live.http.get("/v1/jobs/x", headers=headers)).status_code == 404
+
+    # The new key is solo's now, once the reloaded catalog has reached the API process:
+    # its own unknown job is a 404, not a 401.
+    async def accepted() -> bool:
+        return (await live.http.get("/v1/jobs/x", headers=headers)).status_code == 404
+
+    await wait_for(accepted, 5, 0.02)
     job_id = await submit(live, "solo", "echo")
     body = await wait_status(live, "solo", job_id, {"succeeded"})
     again = await live.http.get(f"/v1/jobs/{job_id}", headers=headers)
