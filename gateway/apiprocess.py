@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import json
 import logging
+import os
 import pickle
 import signal
 import socket
@@ -32,7 +35,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
 from gateway.api import ControlApi
@@ -45,69 +48,104 @@ from gateway.metrics import Metrics
 from gateway.observability import configure_logging
 from gateway.publisher import Publisher
 from gateway.settings import Settings, VaultSettings
-from gateway.statusview import StatusView
+from gateway.statusview import JobStatus, StatusView
 
 __all__ = ["ApiProcess", "Channel", "child_settings", "main"]
 
 log = logging.getLogger("gateway.api.process")
 
-Readiness = Callable[[], Any]  # () -> awaitable list[str]
+Readiness = Callable[[], Awaitable[list[str]]]
 
 _HEADER = struct.Struct(">I")
 _MAX_FRAME = 256 * 1024 * 1024
-_STARTUP_TIMEOUT_S = 30.0
+_MAX_BUFFERED_BYTES = 8 * 1024 * 1024  # unsent log records past this are dropped
+# Start-up includes reading jobs.status (bounded by _CATCH_UP_S) before serving.
+_STARTUP_TIMEOUT_S = 60.0
+_CATCH_UP_S = 30.0
 _CALL_TIMEOUT_S = 10.0
 _LISTEN_BACKLOG = 2048
 _RESTART_BACKOFF_S = (0.5, 30.0)  # first and longest wait before a restart
 _HEALTHY_AFTER_S = 60.0  # a process that ran this long restarts without waiting
+_SECRET_ENV_PREFIXES = ("GATEWAY_VAULT__", "VAULT_", "BAO_")
+_ACTIONS = ("get", "cancel")
+_PR_SET_PDEATHSIG = 1
 
 
 class Channel:
-    """Length-prefixed pickled tuples over one end of a socket pair, with calls.
+    """Length-prefixed messages (tuples) over one end of a socket pair, with calls.
 
-    Both ends are this package's own code in processes it started, so pickle is safe.
-    `send` only buffers (it never blocks the loop); `call` sends `("call", id, op)`
-    and waits for the matching `("reply", id, value)`.
+    The gateway sends pickles (settings, catalog: it is the trusted side) and reads only
+    JSON, so even a compromised API process cannot make the gateway run code. `send`
+    only buffers (it never blocks the loop; droppable messages such as log records are
+    dropped past `_MAX_BUFFERED_BYTES` if the other side stalls); `call` sends
+    `("call", id, op)` and waits for the matching `("reply", id, value)`.
     """
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        send_pickles: bool,
+        read_pickles: bool,
+    ) -> None:
         self._reader = reader
         self._writer = writer
+        self._send_pickles = send_pickles
+        self._read_pickles = read_pickles
         self._loop = asyncio.get_running_loop()
         self._thread = threading.get_ident()
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._next_id = 0
         self.closed = False
+        self.dropped = 0
 
     @classmethod
-    async def open(cls, sock: socket.socket) -> Channel:
+    async def open(cls, sock: socket.socket, *, send_pickles: bool, read_pickles: bool) -> Channel:
         reader, writer = await asyncio.open_connection(sock=sock)
-        return cls(reader, writer)
+        return cls(reader, writer, send_pickles=send_pickles, read_pickles=read_pickles)
 
-    def send(self, message: tuple[Any, ...]) -> None:
+    def send(self, message: tuple[Any, ...], *, droppable: bool = False) -> None:
         """Queue one message (from any thread); dropped once the channel is closed."""
         if threading.get_ident() != self._thread:
-            self._loop.call_soon_threadsafe(self.send, message)
+            self._loop.call_soon_threadsafe(lambda: self.send(message, droppable=droppable))
             return
         if self.closed or self._writer.is_closing():
             return
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        if droppable and self._writer.transport.get_write_buffer_size() > _MAX_BUFFERED_BYTES:
+            self.dropped += 1
+            return
+        if self._send_pickles:
+            data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        else:
+            data = json.dumps(message, separators=(",", ":")).encode()
         self._writer.write(_HEADER.pack(len(data)) + data)
 
     async def receive(self) -> tuple[Any, ...] | None:
-        """The next message, or None once the other end has closed."""
+        """The next message, or None once the other end has closed (or sent garbage)."""
         message: tuple[Any, ...] | None = None
         try:
             size = _HEADER.unpack(await self._reader.readexactly(_HEADER.size))[0]
             if size <= _MAX_FRAME:
-                message = pickle.loads(await self._reader.readexactly(size))  # noqa: S301  # our own child
+                message = self._decode(await self._reader.readexactly(size))
             else:
-                log.error("api_channel_frame_too_large", extra={"bytes": size})
+                log.error("api_channel_bad_message", extra={"error": f"{size} bytes"})
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
+        except ValueError as exc:  # JSONDecodeError too
+            log.error("api_channel_bad_message", extra={"error": type(exc).__name__})
         if message is None:
             self._close_calls()
         return message
+
+    def _decode(self, data: bytes) -> tuple[Any, ...] | None:
+        if self._read_pickles:
+            return tuple(pickle.loads(data))  # noqa: S301  # only ever from the gateway
+        decoded = json.loads(data)
+        if isinstance(decoded, list) and decoded and isinstance(decoded[0], str):
+            return tuple(decoded)
+        log.error("api_channel_bad_message", extra={"error": "not a message"})
+        return None
 
     async def call(self, op: str) -> Any:
         """Ask the other end; raises ConnectionError if it is gone, TimeoutError if slow."""
@@ -147,9 +185,18 @@ class Channel:
 
 def child_settings(settings: Settings) -> Settings:
     """What the API process is given: the gateway's settings without Vault credentials."""
-    # The API process never reads secrets: it gets no Vault credentials at all.
     kafka = settings.kafka.model_copy(update={"client_id": f"{settings.kafka.client_id}-api"})
     return settings.model_copy(update={"vault": VaultSettings(enabled=False), "kafka": kafka})
+
+
+def child_environ(environ: Mapping[str, str]) -> dict[str, str]:
+    """The gateway's environment without anything that could carry Vault credentials
+    (`GATEWAY_VAULT__*`, and the `VAULT_*`/`BAO_*` variables the CLIs read)."""
+    return {
+        key: value
+        for key, value in environ.items()
+        if not key.upper().startswith(_SECRET_ENV_PREFIXES)
+    }
 
 
 class ApiProcess:
@@ -205,6 +252,12 @@ class ApiProcess:
         if self._channel is not None:
             self._channel.send(("catalog", catalog))
 
+    def forward_result(self, value: bytes, status: JobStatus) -> None:
+        """A job this replica finished: the API answers GET with its result at once,
+        without waiting to read it back from Kafka."""
+        if self._channel is not None:
+            self._channel.send(("result", value, status))
+
     async def _spawn(self) -> None:
         assert self._sock is not None
         ours, theirs = socket.socketpair()
@@ -218,14 +271,22 @@ class ApiProcess:
                 str(channel_fd),
                 pass_fds=(listen_fd, channel_fd),
                 stdin=asyncio.subprocess.DEVNULL,
+                env=child_environ(os.environ),
             )
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
         self._proc = proc
-        channel = await Channel.open(ours)
+        try:
+            channel = await Channel.open(ours, send_pickles=True, read_pickles=False)
+        except BaseException:
+            ours.close()
+            raise
         self._channel = channel
         started = asyncio.Event()
-        self._keep(self._serve_channel(channel, started), "gateway-api-channel")
+        self._keep(self._serve_channel(channel, proc, started), "gateway-api-channel")
         channel.send(
             ("init", child_settings(self._settings), self._catalog, frozenset(self._types))
         )
@@ -246,52 +307,60 @@ class ApiProcess:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _serve_channel(self, channel: Channel, started: asyncio.Event) -> None:
+    async def _serve_channel(
+        self, channel: Channel, proc: asyncio.subprocess.Process, started: asyncio.Event
+    ) -> None:
+        # Everything here comes from the API process, the one facing the network: it is
+        # checked as input (JSON only, known tags, catalog tenants, known actions).
         while (message := await channel.receive()) is not None:
             tag = message[0]
-            if tag == "log":
+            if tag == "log" and len(message) == 2 and isinstance(message[1], dict):
                 _reemit(message[1])
-            elif tag == "denied":
+            elif tag == "denied" and len(message) == 3:
                 _, tenant, action = message
-                self._metrics.cross_tenant_denials.labels(tenant=tenant, action=action).inc()
-            elif tag == "call":
+                if self._catalog.get(str(tenant)) is not None and action in _ACTIONS:
+                    self._metrics.cross_tenant_denials.labels(tenant=tenant, action=action).inc()
+            elif tag == "call" and len(message) == 3 and isinstance(message[1], int):
                 self._keep(self._answer(channel, message[1], message[2]), "gateway-api-answer")
-            elif tag == "reply":
-                channel.resolve(message[1], message[2])
             elif tag == "started":
                 started.set()
+        if proc.returncode is None and not self._stopping.is_set():
+            # The channel broke while the process lives on: replace the process.
+            log.error("api_channel_closed", extra={"pid": proc.pid})
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
 
-    async def _answer(self, channel: Channel, call_id: int, op: str) -> None:
-        value: Any
+    async def _answer(self, channel: Channel, call_id: int, op: object) -> None:
+        value: Any = None
         if op == "ready":
             value = await self._readiness()
         elif op == "metrics":
             value = self._metrics.render()
-        else:
-            value = None
         channel.send(("reply", call_id, value))
 
     async def _supervise(self) -> None:
         """Restart the API process if it exits while the gateway runs (with backoff)."""
         wait_s = _RESTART_BACKOFF_S[0]
+        started_at = time.monotonic()
         while not self._stopping.is_set():
             proc = self._proc
-            started_at = time.monotonic()
             if proc is not None:
                 code = await proc.wait()
                 if self._stopping.is_set():
                     return
-                log.error("api_process_exited", extra={"exit_code": code, "restart_in_s": wait_s})
                 if time.monotonic() - started_at > _HEALTHY_AFTER_S:
                     wait_s = _RESTART_BACKOFF_S[0]
+                log.error("api_process_exited", extra={"exit_code": code, "restart_in_s": wait_s})
             await self._close_channel()
             await asyncio.sleep(wait_s)
             wait_s = min(wait_s * 2, _RESTART_BACKOFF_S[1])
+            started_at = time.monotonic()
             try:
                 await self._spawn()
-            except (ConfigError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001  # keep supervising; the next try may work
                 log.error("api_process_restart_failed", extra={"error": type(exc).__name__})
                 await self._kill()
+                self._proc = None
                 continue
             self.restarts += 1
             log.warning("api_process_restarted", extra={"pid": self.pid, "restarts": self.restarts})
@@ -339,10 +408,13 @@ class ApiProcess:
 
 
 def _reemit(fields: dict[str, Any]) -> None:
-    record = logging.makeLogRecord(fields)
-    logger = logging.getLogger(record.name)
-    if logger.isEnabledFor(record.levelno):
-        logger.handle(record)
+    try:
+        record = logging.makeLogRecord(fields)
+        logger = logging.getLogger(str(record.name))
+        if logger.isEnabledFor(int(record.levelno)):
+            logger.handle(record)
+    except Exception:  # noqa: BLE001  # a malformed record is dropped, never raised
+        log.warning("api_log_record_dropped")
 
 
 # -- the API process's side ---------------------------------------------------------
@@ -365,7 +437,7 @@ class _ChannelLogHandler(logging.Handler):
             if record.exc_info and record.exc_info[0] is not None:
                 # Type only, as the JSON formatter does: exception text can carry data.
                 fields["exc_type"] = record.exc_info[0].__name__
-            self._channel.send(("log", fields))
+            self._channel.send(("log", fields), droppable=True)
         except Exception:  # noqa: BLE001  # logging must never raise into the caller
             self.handleError(record)
 
@@ -380,8 +452,32 @@ def _plain(value: Any) -> bool:
     return False
 
 
+class _Coalesced:
+    """One call to the gateway at a time for an answer many requests may want at once
+    (`/readyz`, `/metrics`): callers meanwhile share it, so a burst of requests costs
+    the gateway's job loop one answer, not one each."""
+
+    def __init__(self, fetch: Callable[[], Awaitable[Any]]) -> None:
+        self._fetch = fetch
+        self._pending: asyncio.Future[Any] | None = None
+
+    async def __call__(self) -> Any:
+        if self._pending is None or self._pending.done():
+            self._pending = asyncio.ensure_future(self._fetch())
+        return await asyncio.shield(self._pending)
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGTERM when the gateway process ends, even before the channel is read."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 async def _serve(listen_fd: int, channel_fd: int) -> int:
-    channel = await Channel.open(socket.socket(fileno=channel_fd))
+    channel = await Channel.open(
+        socket.socket(fileno=channel_fd), send_pickles=False, read_pickles=True
+    )
     init = await channel.receive()
     if init is None or init[0] != "init":
         return 2
@@ -403,17 +499,20 @@ async def _serve(listen_fd: int, channel_fd: int) -> int:
     )
     publisher = Publisher(settings.kafka)
 
-    async def readiness() -> list[str]:
-        reasons = [] if status_view.caught_up.is_set() else ["API status view catching up"]
+    async def gateway_readiness() -> list[str]:
         try:
-            reasons.extend(await channel.call("ready"))
+            reasons: list[str] = await channel.call("ready")
         except (ConnectionError, TimeoutError):
-            reasons.append("the gateway process did not answer")
+            return ["the gateway process did not answer"]
         return reasons
 
-    async def render_metrics() -> bytes:
-        rendered: bytes = await channel.call("metrics")
-        return rendered
+    shared_readiness = _Coalesced(gateway_readiness)
+
+    async def readiness() -> list[str]:
+        reasons = [] if status_view.caught_up.is_set() else ["API status view catching up"]
+        return reasons + list(await shared_readiness())
+
+    render_metrics = _Coalesced(lambda: channel.call("metrics"))
 
     api = ControlApi(
         settings=settings,
@@ -428,13 +527,17 @@ async def _serve(listen_fd: int, channel_fd: int) -> int:
     server = HttpServer(api.app(), settings.http)
 
     async def listen() -> None:
+        # Read until the gateway closes the channel: replies to calls still under way
+        # keep arriving after "stop", while requests finish.
         while (message := await channel.receive()) is not None:
             if message[0] == "catalog":
                 current["catalog"] = message[1]
+            elif message[0] == "result":
+                status_view.observe_result(message[1], message[2])
             elif message[0] == "reply":
                 channel.resolve(message[1], message[2])
             elif message[0] == "stop":
-                break
+                stop.set()
         stop.set()
 
     listener = asyncio.create_task(listen(), name="api-channel")
@@ -442,10 +545,18 @@ async def _serve(listen_fd: int, channel_fd: int) -> int:
     try:
         await publisher.start()
         await status_view.start()
-        await server.start(socket.socket(fileno=listen_fd))
-        tune_gc(settings)
-        channel.send(("started",))
-        await stop.wait()
+        # Serve only once jobs.status has been read (bounded): connections that waited
+        # in the backlog through a restart must not be told a job does not exist.
+        caught_up = asyncio.ensure_future(status_view.caught_up.wait())
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({caught_up, stopped}, timeout=_CATCH_UP_S, return_when="FIRST_COMPLETED")
+        caught_up.cancel()
+        stopped.cancel()
+        if not stop.is_set():
+            await server.start(socket.socket(fileno=listen_fd))
+            tune_gc(settings)
+            channel.send(("started",))
+            await stop.wait()
     except Exception as exc:  # reported to the gateway, which restarts us
         log.exception("api_process_failed", extra={"error": type(exc).__name__})
         code = 1
@@ -464,6 +575,7 @@ def main() -> None:
     listen_fd, channel_fd = int(sys.argv[1]), int(sys.argv[2])
     # Ctrl-C reaches the whole process group; the gateway decides when the API stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
     sys.exit(asyncio.run(_serve(listen_fd, channel_fd)))
 
 

@@ -123,6 +123,7 @@ class Gateway:
                 readiness=self.not_ready_reasons,
                 metrics=self.metrics,
             )
+            self.status_view.on_own_result = self.api.forward_result
         self._assigned_once = False
         self.reloader = CatalogReloader(
             settings.tenants_dir, settings.policies_dir, self.apply_catalog, settings.catalog_poll_s

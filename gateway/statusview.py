@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cachetools import LRUCache
@@ -62,6 +63,9 @@ class StatusView:
             settings, topics, name="status", handle=self._apply, max_records=2000, logger=log
         )
         self.caught_up = self._reader.caught_up
+        # Told of each result this replica produced itself (`observe_result` with its
+        # status): the gateway forwards them to its API process.
+        self.on_own_result: Callable[[bytes, JobStatus], None] | None = None
 
     def get(self, key: tuple[str, str]) -> JobStatus | None:
         """Latest status of (tenant, job id), if seen."""
@@ -97,6 +101,8 @@ class StatusView:
         parsed = status if status is not None else _parse_result(value)
         if parsed is None or value is None:
             return
+        if status is not None and self.on_own_result is not None:
+            self.on_own_result(value, status)
         key = (parsed.tenant, parsed.job_id)
         if self._keep_results:
             with self._lock, contextlib.suppress(ValueError):  # over the whole cache: not kept

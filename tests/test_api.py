@@ -34,7 +34,7 @@ from pydantic import SecretStr
 from starlette.routing import Route
 
 from gateway.api import ControlApi
-from gateway.apiprocess import child_settings
+from gateway.apiprocess import Channel, child_environ, child_settings
 from gateway.catalog import load_catalog
 from gateway.flows import FlowGraph, JobContext, JobTypes, builtin_job_types
 from gateway.history import TerminalHistory
@@ -720,13 +720,67 @@ async def test_api_process_gets_no_vault_credentials(live: Live) -> None:
     assert child.kafka.client_id.endswith("-api")
 
 
+async def test_a_finished_job_is_never_terminal_without_its_result(live: Live) -> None:
+    # The replica that ran the job hands its result to its API process at once, so no
+    # GET sees the terminal status (read back from jobs.status) before the result.
+    job_id = await submit(live, "acme", "echo", payload={"n": 1})
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        body = (await live.http.get(f"/v1/jobs/{job_id}", headers=auth("acme"))).json()
+        if body["status"] == "succeeded":
+            assert body["result"] is not None
+            assert body["result"]["result"] == {"n": 1}
+            return
+        await asyncio.sleep(0.002)
+    pytest.fail("the job did not finish")
+
+
+async def test_the_gateway_reads_only_json_from_the_api_process() -> None:
+    # The API process faces the network; a pickle from it (code, if it were loaded)
+    # closes the channel instead of being unpickled.
+    ours, theirs = socket.socketpair()
+    gateway_end = await Channel.open(ours, send_pickles=True, read_pickles=False)
+    api_end = await Channel.open(theirs, send_pickles=False, read_pickles=True)
+    try:
+        api_end.send(("denied", "acme", "get"))
+        assert await gateway_end.receive() == ("denied", "acme", "get")
+        gateway_end.send(("catalog", {"a": b"bytes pickle well"}))
+        assert await api_end.receive() == ("catalog", {"a": b"bytes pickle well"})
+        api_end._send_pickles = True  # a compromised API process
+        api_end.send(("log", {"msg": "x"}))
+        assert await gateway_end.receive() is None
+        assert gateway_end.closed
+    finally:
+        await gateway_end.close()
+        await api_end.close()
+
+
+async def test_the_api_process_environment_has_no_vault_credentials() -> None:
+    environ = {
+        "PATH": "/bin",
+        "GATEWAY_VAULT__TOKEN": "s.x",
+        "GATEWAY_VAULT__SECRET_ID": "y",
+        "gateway_vault__role_id": "z",
+        "VAULT_TOKEN": "s.y",
+        "BAO_TOKEN": "s.z",
+        "GATEWAY_KAFKA__BOOTSTRAP_SERVERS": "127.0.0.1:1",
+    }
+    assert child_environ(environ) == {
+        "PATH": "/bin",
+        "GATEWAY_KAFKA__BOOTSTRAP_SERVERS": "127.0.0.1:1",
+    }
+
+
 async def test_api_process_is_restarted_after_it_dies(live: Live) -> None:
     # Last in the module: the API process is replaced. Connections wait in the
-    # gateway's listen backlog meanwhile; the same port answers again.
+    # gateway's listen backlog meanwhile; the same port answers again, and the new
+    # process, like the first, has no Vault credentials in its environment.
     api = live.gateway.api
     assert api is not None
     assert api.pid is not None
     killed = api.pid
+    sentinel = f"s.{uuid.uuid4().hex}"
+    os.environ["GATEWAY_VAULT__TOKEN"] = sentinel
     os.kill(killed, signal.SIGKILL)
     await wait_for(lambda: api.restarts == 1 and api.pid not in (None, killed), 20)
     async with httpx.AsyncClient(
@@ -735,3 +789,9 @@ async def test_api_process_is_restarted_after_it_dies(live: Live) -> None:
         await wait_for(lambda: _ready(fresh), 20)
         job_id = await submit(live, "acme", "echo", payload={"after": "restart"})
         await wait_for(lambda: _status_is(fresh, job_id, "succeeded"), 20)
+    try:
+        environ = await asyncio.to_thread(Path(f"/proc/{api.pid}/environ").read_bytes)
+    finally:
+        del os.environ["GATEWAY_VAULT__TOKEN"]
+    assert sentinel.encode() not in environ
+    assert b"GATEWAY_VAULT__" not in environ
