@@ -42,9 +42,6 @@ class KafkaSettings(BaseModel):
     rebalance_timeout_ms: int = Field(default=30_000, ge=1_000)
     request_timeout_ms: int = Field(default=30_000, ge=1_000)
     linger_ms: int = Field(default=2, ge=0)
-    # Largest record batch the producer builds per partition: bigger batches mean fewer
-    # produce round trips when thousands of records go out at once (a burst's deferrals).
-    max_batch_bytes: int = Field(default=262_144, ge=1024)
     commit_interval_ms: int = Field(default=500, ge=10)
     produce_timeout_s: float = Field(default=30.0, gt=0)
     # Topics the gateway creates at start when missing (Tansu and dev clusters need it).
