@@ -41,7 +41,6 @@ from typing import Any
 from gateway.api import ControlApi
 from gateway.catalog import Catalog
 from gateway.errors import ConfigError
-from gateway.history import TerminalHistory
 from gateway.httpserver import HttpServer, bind
 from gateway.memory import tune_gc
 from gateway.metrics import Metrics
@@ -492,7 +491,6 @@ async def _serve(listen_fd: int, channel_fd: int) -> int:
     status_view = StatusView(
         settings.kafka,
         settings.topics.status,
-        TerminalHistory(settings.history_size),
         settings.history_size,
         results_topic=settings.topics.results,
         result_cache_bytes=settings.http.result_cache_bytes,

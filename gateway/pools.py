@@ -15,6 +15,7 @@ from gateway.audit import audit_tenant_violation
 from gateway.catalog import Catalog, Tenant
 from gateway.envelope import DlqReason, Job
 from gateway.errors import ProduceError
+from gateway.finished import FinishedJobs
 from gateway.flows import JobContext, JobTypes, Outcome, run_job
 from gateway.metrics import Metrics
 from gateway.observability import flow_event_middleware, job_log
@@ -24,7 +25,7 @@ from gateway.publisher import Publisher
 from gateway.records import Status, rfc3339, status_record
 from gateway.scheduler import FairScheduler, TenantLimits
 from gateway.settings import Settings
-from gateway.statusview import JobStatus, StatusView
+from gateway.statusview import JobStatus
 from gateway.tasks import cancel_and_wait
 from gateway.vault import JobSecrets, SecretStore, redact
 
@@ -104,7 +105,7 @@ class Pools:
         catalog: Callable[[], Catalog],
         job_types: JobTypes,
         publisher: Publisher,
-        status_view: StatusView,
+        finished: FinishedJobs,
         finish: Callable[[Entry], None],
         fatal: Callable[[BaseException], None],
         secrets: SecretStore | None = None,
@@ -114,7 +115,7 @@ class Pools:
         self._catalog = catalog
         self._types = job_types
         self._publisher = publisher
-        self._status = status_view
+        self._finished = finished
         self._secrets = secrets
         self._metrics = metrics
         self._finish = finish
@@ -317,9 +318,9 @@ class Pools:
         status = JobStatus(job.tenant, job.id, decision.status, job.attempt, rfc3339(finished))
         result = next((r.value for r in decision.records if r.topic == topics.results), None)
         if result is not None:
-            self._status.observe_result(result, status)  # GET answers with it at once
+            self._finished.observe_result(result, status)  # the API answers GET with it at once
         else:
-            self._status.observe(status)
+            self._finished.observe(status)
         if outcome.error_code == "tenant_violation":
             audit_tenant_violation(
                 tenant=job.tenant, job_id=job.id, job_type=job.type, attempt=job.attempt

@@ -16,6 +16,7 @@ from gateway.catalog import Catalog, load_catalog
 from gateway.collectors import PoolCollector, VaultCollector
 from gateway.control import CancelCommand, ControlListener, PendingCancels
 from gateway.errors import GatewayError
+from gateway.finished import FinishedJobs
 from gateway.flows import JobTypes, load_job_types
 from gateway.history import TerminalHistory
 from gateway.intake import Intake
@@ -25,7 +26,6 @@ from gateway.pools import Entry, Pools
 from gateway.publisher import Publisher
 from gateway.reload import CatalogReloader
 from gateway.settings import KafkaSettings, Settings, TopicSettings
-from gateway.statusview import StatusView
 from gateway.vault import SecretStore, VaultStats
 
 __all__ = ["Gateway", "ReadinessCheck", "ensure_topics", "run_gateway", "tune_gc"]
@@ -71,14 +71,8 @@ class Gateway:
         self.publisher = Publisher(settings.kafka)
         self.secrets = SecretStore(settings.vault) if settings.vault.configured else None
         self.metrics = Metrics()
-        self.status_view = StatusView(
-            settings.kafka,
-            settings.topics.status,
-            self.history,
-            settings.history_size,
-            # Result records are kept only to answer GET /v1/jobs/{id}, and the API
-            # process (gateway.apiprocess) keeps its own view for that.
-        )
+        # Finished jobs only (the API process keeps the statuses and results for GET).
+        self.finished = FinishedJobs(settings.kafka, settings.topics.results, self.history)
         self.pending_cancels = PendingCancels(
             settings.control.max_pending_cancels, settings.control.cancel_ttl_s
         )
@@ -87,7 +81,7 @@ class Gateway:
             catalog=self.catalog,
             job_types=self.job_types,
             publisher=self.publisher,
-            status_view=self.status_view,
+            finished=self.finished,
             secrets=self.secrets,
             metrics=self.metrics,
             finish=self._finish,
@@ -123,7 +117,7 @@ class Gateway:
                 readiness=self.not_ready_reasons,
                 metrics=self.metrics,
             )
-            self.status_view.on_own_result = self.api.forward_result
+            self.finished.on_own_result = self.api.forward_result
         self._assigned_once = False
         self.reloader = CatalogReloader(
             settings.tenants_dir, settings.policies_dir, self.apply_catalog, settings.catalog_poll_s
@@ -175,8 +169,8 @@ class Gateway:
             reasons.append("stopping")
         if not self._assigned_once:
             reasons.append("partitions not assigned yet")
-        if not self.status_view.caught_up.is_set():
-            reasons.append("status view catching up")
+        if not self.finished.caught_up.is_set():
+            reasons.append("finished jobs catching up")
         if not self.control.caught_up.is_set():
             reasons.append("cancel commands catching up")
         for check in list(self.readiness_checks):
@@ -218,13 +212,13 @@ class Gateway:
         if self.settings.kafka.create_topics:
             await ensure_topics(self.settings.kafka, self.settings.topics)
         await self.publisher.start()
-        await self.status_view.start()
+        await self.finished.start()
         await self.control.start()
         if self.api is not None:
             await self.api.start()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(
-                asyncio.gather(self.status_view.caught_up.wait(), self.control.caught_up.wait()),
+                asyncio.gather(self.finished.caught_up.wait(), self.control.caught_up.wait()),
                 _STATUS_CATCH_UP_S,
             )
         await self.pools.start()
@@ -268,7 +262,7 @@ class Gateway:
         await self.publisher.drain()
         await self.intake.close()
         await self.control.stop()
-        await self.status_view.stop()
+        await self.finished.stop()
         await self.publisher.stop()
         if self.secrets is not None:
             await self.secrets.stop()

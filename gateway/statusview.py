@@ -1,23 +1,20 @@
-"""Every replica's view of `jobs.status` and `jobs.results`: latest status per job, the
-result record of terminal jobs (for `GET /v1/jobs/{id}`), and recent terminal ids."""
+"""The API process's view of `jobs.status` and `jobs.results`: the latest status per job
+and the result record of terminal jobs, for `GET /v1/jobs/{id}` on any replica."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from cachetools import LRUCache
 
-from gateway.history import TerminalHistory
 from gateway.records import TERMINAL, Status
 from gateway.settings import KafkaSettings
 from gateway.topicreader import Batches, TopicReader
 
-__all__ = ["JobStatus", "StatusView"]
+__all__ = ["JobStatus", "StatusView", "parse_result"]
 
 log = logging.getLogger("gateway.status")
 
@@ -35,77 +32,60 @@ class JobStatus:
 
 class StatusView:
     """Reads `jobs.status` (and `jobs.results`, when given) from the beginning, with no
-    group, into bounded memory: statuses by count, result records by total size.
-
-    Safe to read from another thread (the HTTP API's): every cache access holds a lock.
-    """
+    group, into bounded memory: statuses by count, result records by total size. Used on
+    one event loop (the API process's); nothing here is shared between threads."""
 
     def __init__(
         self,
         settings: KafkaSettings,
         topic: str,
-        history: TerminalHistory,
         maxsize: int,
         *,
         results_topic: str | None = None,
         result_cache_bytes: int = 0,
     ) -> None:
         self._results_topic = results_topic
-        self._history = history
         self._latest: LRUCache[tuple[str, str], JobStatus] = LRUCache(maxsize=maxsize)
         self._results: LRUCache[tuple[str, str], bytes] = LRUCache(
             maxsize=max(1, result_cache_bytes), getsizeof=len
         )
         self._keep_results = results_topic is not None and result_cache_bytes > 0
-        self._lock = threading.Lock()
         topics = [topic] if results_topic is None else [topic, results_topic]
         self._reader = TopicReader(
             settings, topics, name="status", handle=self._apply, max_records=2000, logger=log
         )
         self.caught_up = self._reader.caught_up
-        # Told of each result this replica produced itself (`observe_result` with its
-        # status): the gateway forwards them to its API process.
-        self.on_own_result: Callable[[bytes, JobStatus], None] | None = None
 
     def get(self, key: tuple[str, str]) -> JobStatus | None:
         """Latest status of (tenant, job id), if seen."""
-        with self._lock:
-            return self._latest.get(key)
+        return self._latest.get(key)
 
     def knows(self, key: tuple[str, str]) -> bool:
         """Whether (tenant, job id) has been seen, without touching its recency."""
-        with self._lock:
-            return key in self._latest
+        return key in self._latest
 
     def observe(self, status: JobStatus) -> None:
-        """Apply one transition (also called for this replica's own outcomes); called on
-        the gateway's main loop only, like everything that writes."""
+        """Apply one transition (read back, or handed over by this replica's gateway)."""
         key = (status.tenant, status.job_id)
-        with self._lock:
-            current = self._latest.get(key)
-            terminal = current is not None and current.status in TERMINAL
-            if terminal and status.status not in TERMINAL:
-                return
-            self._latest[key] = status
-        if status.status in TERMINAL:
-            self._history.remember(key, status.status)
+        current = self._latest.get(key)
+        terminal = current is not None and current.status in TERMINAL
+        if terminal and status.status not in TERMINAL:
+            return
+        self._latest[key] = status
 
     def result(self, key: tuple[str, str]) -> bytes | None:
         """The `jobs.results` record value of (tenant, job id), while it is cached."""
-        with self._lock:
-            return self._results.get(key)
+        return self._results.get(key)
 
     def observe_result(self, value: bytes | None, status: JobStatus | None = None) -> None:
         """Keep a terminal result record and apply its status; a caller that already
         knows the status (this replica's own outcomes) passes it to skip parsing."""
-        parsed = status if status is not None else _parse_result(value)
+        parsed = status if status is not None else parse_result(value)
         if parsed is None or value is None:
             return
-        if status is not None and self.on_own_result is not None:
-            self.on_own_result(value, status)
         key = (parsed.tenant, parsed.job_id)
         if self._keep_results:
-            with self._lock, contextlib.suppress(ValueError):  # over the whole cache: not kept
+            with contextlib.suppress(ValueError):  # over the whole cache: not kept
                 self._results[key] = value
         self.observe(parsed)
 
@@ -145,7 +125,7 @@ def _parse(value: bytes | None) -> JobStatus | None:
         return None
 
 
-def _parse_result(value: bytes | None) -> JobStatus | None:
+def parse_result(value: bytes | None) -> JobStatus | None:
     """The terminal status a `jobs.results` record carries."""
     if value is None:
         return None

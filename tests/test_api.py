@@ -37,7 +37,6 @@ from gateway.api import ControlApi
 from gateway.apiprocess import Channel, child_environ, child_settings
 from gateway.catalog import load_catalog
 from gateway.flows import FlowGraph, JobContext, JobTypes, builtin_job_types
-from gateway.history import TerminalHistory
 from gateway.observability import JsonFormatter
 from gateway.service import Gateway, ensure_topics
 from gateway.services import Tansu
@@ -639,9 +638,7 @@ async def test_openapi_document_matches_the_routes(live: Live) -> None:
         catalog=lambda: load_catalog(live.settings.tenants_dir, live.settings.policies_dir),
         job_types=builtin_job_types(),
         publish=_never,
-        status_view=StatusView(
-            live.settings.kafka, live.settings.topics.status, TerminalHistory(1), 1
-        ),
+        status_view=StatusView(live.settings.kafka, live.settings.topics.status, 1),
         readiness=_never,
         render_metrics=_never,
         on_denied=lambda tenant, action: None,

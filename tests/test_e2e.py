@@ -130,3 +130,42 @@ async def test_status_transitions_are_published(gateway: Gateway, client: JobCli
     bodies = [json.loads(r.value) for r in statuses if json.loads(r.value)["id"] == "s1"]
     assert [b["status"] for b in bodies] == ["running", "succeeded"]
     assert all(dict(r.headers)["tenant"] == b"acme" for r in statuses)
+
+
+async def test_a_finished_job_sent_again_is_not_run_again(
+    settings: Settings, client: JobClient
+) -> None:
+    # A fresh gateway knows finished jobs only from `jobs.results`: by the contract's
+    # headers, or by the body of a record written without them.
+    results = settings.topics.results
+    await client.producer.send(
+        results,
+        json.dumps({"id": "old-h", "tenant": "acme", "status": "succeeded"}).encode(),
+        key=b"old-h",
+        headers=[("tenant", b"acme"), ("job-id", b"old-h"), ("status", b"succeeded")],
+    )
+    await client.producer.send(
+        results,
+        json.dumps({"id": "old-b", "tenant": "acme", "status": "failed", "attempts": 2}).encode(),
+        key=b"old-b",
+    )
+    for job_id in ("old-h", "old-b", "new"):
+        await client.job("acme", job_id, "echo")
+    # Another tenant's job with a finished id of acme's is its own job, and runs.
+    await client.job("globex", "old-h", "echo")
+    await client.flush()
+    running = Gateway(settings, load_catalog(settings.tenants_dir, settings.policies_dir))
+    await running.start()
+    try:
+        records = await read_topic(settings, results, until=4, settle_s=1.0)
+    finally:
+        await running.stop()
+    bodies = [json.loads(r.value) for r in records]
+    assert Counter((b["tenant"], b["id"]) for b in bodies) == {
+        ("acme", "old-h"): 1,
+        ("acme", "old-b"): 1,
+        ("acme", "new"): 1,
+        ("globex", "old-h"): 1,
+    }
+    committed = await committed_offsets(settings, settings.topics.jobs)
+    assert sum(offset or 0 for offset in committed.values()) == 4  # skipped ones finished too

@@ -1,0 +1,82 @@
+"""The job process's view of finished jobs: enough to recognise a redelivered job that
+already ended, and nothing more.
+
+It reads `jobs.results` (one record per finished job) rather than `jobs.status` (every
+transition: queued, deferred, running, retrying...), and only the `tenant`, `job-id` and
+`status` headers the contract puts on each result, so a burst's thousands of `deferred`
+statuses cost this process nothing. Statuses and result records for `GET` are the API
+process's `StatusView`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from gateway.history import TerminalHistory
+from gateway.records import TERMINAL
+from gateway.settings import KafkaSettings
+from gateway.statusview import JobStatus, parse_result
+from gateway.topicreader import Batches, TopicReader
+
+__all__ = ["FinishedJobs"]
+
+log = logging.getLogger("gateway.finished")
+
+_TERMINAL = {status.value.encode(): status for status in TERMINAL}  # header bytes -> status
+
+
+class FinishedJobs:
+    """Feeds the terminal history from `jobs.results` (read from the start, no group) and
+    from this replica's own outcomes as they are published."""
+
+    def __init__(self, settings: KafkaSettings, results_topic: str, history: TerminalHistory):
+        self._history = history
+        self._reader = TopicReader(
+            settings,
+            [results_topic],
+            name="finished",
+            handle=self._apply,
+            max_records=2000,
+            logger=log,
+        )
+        self.caught_up = self._reader.caught_up
+        # Told of each result this replica publishes (the gateway hands them to its API
+        # process, so GET shows them without waiting to read them back).
+        self.on_own_result: Callable[[bytes, JobStatus], None] | None = None
+
+    def observe(self, status: JobStatus) -> None:
+        """One of this replica's own transitions; terminal ones are remembered."""
+        if status.status in TERMINAL:
+            self._history.remember((status.tenant, status.job_id), status.status)
+
+    def observe_result(self, value: bytes, status: JobStatus) -> None:
+        """A result this replica has just published, with its terminal status."""
+        self.observe(status)
+        if self.on_own_result is not None:
+            self.on_own_result(value, status)
+
+    async def start(self) -> None:
+        """Assign every partition of `jobs.results` and begin reading from the start."""
+        await self._reader.start()
+
+    async def stop(self) -> None:
+        """Stop reading; idempotent."""
+        await self._reader.stop()
+
+    def _apply(self, batches: Batches) -> None:
+        remember = self._history.remember
+        for records in batches.values():
+            for record in records:
+                headers = dict(record.headers or ())
+                tenant, job_id = headers.get("tenant"), headers.get("job-id")
+                status = _TERMINAL.get(headers.get("status") or b"")
+                if tenant and job_id and status is not None:
+                    remember(
+                        (tenant.decode(errors="replace"), job_id.decode(errors="replace")), status
+                    )
+                    continue
+                # A record without the contract's headers: read its body instead.
+                parsed = parse_result(record.value)
+                if parsed is not None:
+                    remember((parsed.tenant, parsed.job_id), parsed.status)
