@@ -8,7 +8,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -51,42 +50,6 @@ def _over_bound(paused: bool, count: int, size: int, max_count: int, max_bytes: 
     return count >= max_count or size >= max_bytes
 
 
-@dataclass(frozen=True, slots=True)
-class _Held:
-    """A retry or deferral read before its `not-before`, kept unparsed until then."""
-
-    partition: TopicPartition
-    record: Any
-    ticket: Ticket
-    key: tuple[str, str]  # (tenant, job id): the record's tenant header and key
-    not_before_ms: int
-
-    @classmethod
-    def of(cls, tp: TopicPartition, record: Any, ticket: Ticket) -> _Held | None:
-        """Held if its headers say it is not due yet; None for anything else (due, or
-        headers the full parse must judge), which is parsed at once."""
-        tenant = not_before = None
-        for name, value in record.headers or ():
-            if name == "tenant":
-                if tenant is not None:
-                    return None
-                tenant = value
-            elif name == "not-before":
-                if not_before is not None:
-                    return None
-                not_before = value
-        if not tenant or not not_before or not record.key:
-            return None
-        try:
-            not_before_ms = int(not_before)
-            key = (tenant.decode(), record.key.decode())
-        except (ValueError, UnicodeDecodeError):
-            return None
-        if not_before_ms <= time.time() * 1000:
-            return None
-        return cls(tp, record, ticket, key, not_before_ms)
-
-
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
     def __init__(self, intake: Intake) -> None:
         self._intake = intake
@@ -126,7 +89,7 @@ class Intake:
         # (no control plane), a stand-in that remembers next to nothing.
         self._cancels = cancels if cancels is not None else PendingCancels(1, 1.0)
         self.tracker = OffsetTracker()
-        self._delays: DelayQueue[_Held] = DelayQueue(self._due)
+        self._delays: DelayQueue[Entry] = DelayQueue(self._due)
         self._consumer: AIOKafkaConsumer | None = None
         self._commit_lock = asyncio.Lock()
         # DLQ, deferral and cancel records wait here for one sender task: thousands of
@@ -279,20 +242,6 @@ class Intake:
     def _take(self, tp: TopicPartition, record: Any) -> None:
         size = len(record.value or b"") + len(record.key or b"")
         ticket = self.tracker.track(tp, record.offset, size)
-        if record.topic in self._delayed_topics:
-            held = _Held.of(tp, record, ticket)
-            if held is not None and held.key not in self._cancels:
-                # Not due yet: parsed when it is. A burst's deferrals are read back at
-                # once and due over many seconds; parsing them all up front took the
-                # loop away from the fresh records behind the burst.
-                self._delays.add(held.not_before_ms, held)
-                return
-        entry = self._parse(tp, record, ticket)
-        if entry is not None:
-            self._admit(entry)
-
-    def _parse(self, tp: TopicPartition, record: Any, ticket: Ticket) -> Entry | None:
-        """The record as a job, or None once it has been rejected (DLQ)."""
         source = Source(
             topic=record.topic,
             partition=record.partition,
@@ -309,24 +258,22 @@ class Intake:
         )
         if isinstance(parsed, Rejection):
             self._reject(parsed, ticket)
-            return None
-        return Entry(job=parsed, ticket=ticket, partition=tp)
+            return
+        entry = Entry(job=parsed, ticket=ticket, partition=tp)
+        not_before = parsed.not_before_ms
+        if (
+            not_before is not None
+            and record.topic in self._delayed_topics
+            and not_before > time.time() * 1000
+            and entry.job.key not in self._cancels
+        ):
+            self._delays.add(not_before, entry)
+            return
+        self._admit(entry)
 
-    def _due(self, held: _Held) -> None:
-        if held.partition in self._assigned:
-            entry = self._parse(held.partition, held.record, held.ticket)
-            if entry is not None:
-                self._admit(entry)
-
-    def _take_out_held(self, predicate: Callable[[_Held], bool]) -> list[Entry]:
-        """Parse and take out held records (a cancel, a revocation); rejects go to DLQ."""
-        entries = []
-        for held in self._delays.remove(predicate):
-            entry = self._parse(held.partition, held.record, held.ticket)
-            if entry is not None:
-                self._back_from_deferral(entry)
-                entries.append(entry)
-        return entries
+    def _due(self, entry: Entry) -> None:
+        if entry.partition in self._assigned:
+            self._admit(entry)
 
     def _back_from_deferral(self, entry: Entry) -> None:
         # Counted when due, not when read back: the tenant's deferred backlog paces
@@ -376,7 +323,9 @@ class Intake:
                 return "running"
             self._finish_cancelled([entry], "queued")
             return "queued"
-        held = self._take_out_held(lambda h: h.key == key)
+        held = self._delays.remove(lambda e: e.job.key == key)
+        for entry in held:
+            self._back_from_deferral(entry)
         if held:
             self._finish_cancelled(held, "delayed")
             return "delayed"
@@ -540,7 +489,8 @@ class Intake:
             return
         self._assigned -= revoked
         self._delayed_paused -= revoked
-        self._take_out_held(lambda h: h.partition in revoked)
+        for entry in self._delays.remove(lambda e: e.partition in revoked):
+            self._back_from_deferral(entry)
         grace = min(self._settings.shutdown_grace_s, self._settings.kafka.session_timeout_ms / 2000)
         await self._pools.revoke(set(revoked), grace)
         await self.commit(set(revoked))
