@@ -69,14 +69,17 @@ class FinishedJobs:
         for records in batches.values():
             for record in records:
                 headers = dict(record.headers or ())
-                tenant, job_id = headers.get("tenant"), headers.get("job-id")
-                status = _TERMINAL.get(headers.get("status") or b"")
-                if tenant and job_id and status is not None:
-                    remember(
-                        (tenant.decode(errors="replace"), job_id.decode(errors="replace")), status
-                    )
+                if not headers.keys() & {"tenant", "job-id", "status"}:
+                    # Written without the contract's headers: read its body instead.
+                    parsed = parse_result(record.value)
+                    if parsed is not None:
+                        remember((parsed.tenant, parsed.job_id), parsed.status)
                     continue
-                # A record without the contract's headers: read its body instead.
-                parsed = parse_result(record.value)
-                if parsed is not None:
-                    remember((parsed.tenant, parsed.job_id), parsed.status)
+                status = _TERMINAL.get(headers.get("status") or b"")
+                try:
+                    tenant = (headers.get("tenant") or b"").decode()
+                    job_id = (headers.get("job-id") or b"").decode()
+                except UnicodeDecodeError:
+                    continue
+                if tenant and job_id and status is not None:
+                    remember((tenant, job_id), status)

@@ -149,7 +149,15 @@ async def test_a_finished_job_sent_again_is_not_run_again(
         json.dumps({"id": "old-b", "tenant": "acme", "status": "failed", "attempts": 2}).encode(),
         key=b"old-b",
     )
-    for job_id in ("old-h", "old-b", "new"):
+    # Headers that do not say "finished" (here a non-terminal status) are not trusted
+    # over them, whatever the body says: that job runs.
+    await client.producer.send(
+        results,
+        json.dumps({"id": "odd", "tenant": "acme", "status": "succeeded"}).encode(),
+        key=b"odd",
+        headers=[("tenant", b"acme"), ("job-id", b"odd"), ("status", b"retrying")],
+    )
+    for job_id in ("old-h", "old-b", "odd", "new"):
         await client.job("acme", job_id, "echo")
     # Another tenant's job with a finished id of acme's is its own job, and runs.
     await client.job("globex", "old-h", "echo")
@@ -157,15 +165,16 @@ async def test_a_finished_job_sent_again_is_not_run_again(
     running = Gateway(settings, load_catalog(settings.tenants_dir, settings.policies_dir))
     await running.start()
     try:
-        records = await read_topic(settings, results, until=4, settle_s=1.0)
+        records = await read_topic(settings, results, until=7, settle_s=1.0)
     finally:
         await running.stop()
     bodies = [json.loads(r.value) for r in records]
     assert Counter((b["tenant"], b["id"]) for b in bodies) == {
         ("acme", "old-h"): 1,
         ("acme", "old-b"): 1,
+        ("acme", "odd"): 2,
         ("acme", "new"): 1,
         ("globex", "old-h"): 1,
     }
     committed = await committed_offsets(settings, settings.topics.jobs)
-    assert sum(offset or 0 for offset in committed.values()) == 4  # skipped ones finished too
+    assert sum(offset or 0 for offset in committed.values()) == 5  # skipped ones finished too
