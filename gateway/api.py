@@ -350,9 +350,7 @@ register_url_convertor("job_id", _JobIdConvertor())
 async def _http_error(_: Request, exc: Exception) -> Response:
     """Starlette's own answers (no such route, method not allowed) in the API's format."""
     assert isinstance(exc, HTTPException)
-    error = "not_found" if exc.status_code == 404 else "method_not_allowed"
-    if exc.status_code not in (404, 405):
-        error = "http_error"
+    error = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     response = _error(exc.status_code, error, exc.detail)
     response.headers.update(exc.headers or {})
     return response

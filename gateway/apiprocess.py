@@ -5,10 +5,12 @@ lock behind the job loop, and under 500 jobs/s the p99 of `GET /v1/jobs/{id}` wa
 20-60 ms; served from its own process, the same benchmark gives about 5 ms (BENCHMARKS.md).
 Everything the API reads or writes already works over Kafka: it runs its own status
 view (`jobs.status` and `jobs.results`) and its own producer. The rest goes through one
-channel (a socket pair carrying pickled tuples) to the gateway process:
+channel (a socket pair: pickles from the gateway, JSON from the API process) to the
+gateway process:
 
 - at start, the settings (without Vault credentials: the API process never talks to
-  Vault), the catalog and the names of the job types; later, every reloaded catalog;
+  Vault), the catalog and the names of the job types; later, every reloaded catalog
+  and the result of every job the gateway finishes;
 - `/readyz` and `/metrics` ask the gateway (its readiness, its registry);
 - each cross-tenant denial is counted in the gateway's registry;
 - every log record is re-emitted through the gateway's logging, so there is one
@@ -97,7 +99,6 @@ class Channel:
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._next_id = 0
         self.closed = False
-        self.dropped = 0
 
     @classmethod
     async def open(cls, sock: socket.socket, *, send_pickles: bool, read_pickles: bool) -> Channel:
@@ -112,8 +113,7 @@ class Channel:
         if self.closed or self._writer.is_closing():
             return
         if droppable and self._writer.transport.get_write_buffer_size() > _MAX_BUFFERED_BYTES:
-            self.dropped += 1
-            return
+            return  # nowhere to report it: this channel is the way out, and it is full
         if self._send_pickles:
             data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         else:
@@ -204,14 +204,14 @@ class ApiProcess:
     def __init__(
         self,
         settings: Settings,
-        catalog: Catalog,
+        catalog: Callable[[], Catalog],
         job_types: Collection[str],
         *,
         readiness: Readiness,
         metrics: Metrics,
     ) -> None:
         self._settings = settings
-        self._catalog = catalog
+        self._catalog = catalog  # the one in force, read at each use
         self._types = job_types  # read at each start: types registered late count
         self._readiness = readiness
         self._metrics = metrics
@@ -245,11 +245,10 @@ class ApiProcess:
         self._supervisor = asyncio.create_task(self._supervise(), name="gateway-api-supervisor")
         log.info("api_process_started", extra={"pid": self.pid, "port": self.port})
 
-    def update_catalog(self, catalog: Catalog) -> None:
-        """Send a reloaded catalog (keys, allowed types) to the API process."""
-        self._catalog = catalog
+    def catalog_changed(self) -> None:
+        """Send the reloaded catalog (keys, allowed types) to the API process."""
         if self._channel is not None:
-            self._channel.send(("catalog", catalog))
+            self._channel.send(("catalog", self._catalog()))
 
     def forward_result(self, value: bytes, status: JobStatus) -> None:
         """A job this replica finished: the API answers GET with its result at once,
@@ -287,17 +286,9 @@ class ApiProcess:
         started = asyncio.Event()
         self._keep(self._serve_channel(channel, proc, started), "gateway-api-channel")
         channel.send(
-            ("init", child_settings(self._settings), self._catalog, frozenset(self._types))
+            ("init", child_settings(self._settings), self._catalog(), frozenset(self._types))
         )
-        waiter = asyncio.ensure_future(started.wait())
-        exited = asyncio.ensure_future(proc.wait())
-        try:
-            await asyncio.wait(
-                {waiter, exited}, timeout=_STARTUP_TIMEOUT_S, return_when="FIRST_COMPLETED"
-            )
-        finally:
-            waiter.cancel()
-            exited.cancel()
+        await _first_of(_STARTUP_TIMEOUT_S, started.wait(), proc.wait())
         if not started.is_set():
             raise ConfigError("HTTP API process did not start (see its log lines above)")
 
@@ -317,7 +308,7 @@ class ApiProcess:
                 _reemit(message[1])
             elif tag == "denied" and len(message) == 3:
                 _, tenant, action = message
-                if self._catalog.get(str(tenant)) is not None and action in _ACTIONS:
+                if self._catalog().get(str(tenant)) is not None and action in _ACTIONS:
                     self._metrics.cross_tenant_denials.labels(tenant=tenant, action=action).inc()
             elif tag == "call" and len(message) == 3 and isinstance(message[1], int):
                 self._keep(self._answer(channel, message[1], message[2]), "gateway-api-answer")
@@ -404,6 +395,16 @@ class ApiProcess:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+async def _first_of(timeout_s: float, *waits: Awaitable[Any]) -> None:
+    """Return once any of `waits` is done or `timeout_s` has passed; the rest are cancelled."""
+    futures = {asyncio.ensure_future(wait) for wait in waits}
+    try:
+        await asyncio.wait(futures, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for future in futures:
+            future.cancel()
 
 
 def _reemit(fields: dict[str, Any]) -> None:
@@ -545,11 +546,7 @@ async def _serve(listen_fd: int, channel_fd: int) -> int:
         await status_view.start()
         # Serve only once jobs.status has been read (bounded): connections that waited
         # in the backlog through a restart must not be told a job does not exist.
-        caught_up = asyncio.ensure_future(status_view.caught_up.wait())
-        stopped = asyncio.ensure_future(stop.wait())
-        await asyncio.wait({caught_up, stopped}, timeout=_CATCH_UP_S, return_when="FIRST_COMPLETED")
-        caught_up.cancel()
-        stopped.cancel()
+        await _first_of(_CATCH_UP_S, status_view.caught_up.wait(), stop.wait())
         if not stop.is_set():
             await server.start(socket.socket(fileno=listen_fd))
             tune_gc(settings)

@@ -112,7 +112,7 @@ class Gateway:
         if settings.http.enabled:
             self.api = ApiProcess(
                 settings,
-                catalog,
+                self.catalog,
                 self.job_types,
                 readiness=self.not_ready_reasons,
                 metrics=self.metrics,
@@ -145,7 +145,7 @@ class Gateway:
         self._catalog = catalog
         self.pools.apply_catalog(catalog)
         if self.api is not None:
-            self.api.update_catalog(catalog)
+            self.api.catalog_changed()
 
     def _finish(self, entry: Entry) -> None:
         self.intake.finish_entry(entry)

@@ -31,9 +31,10 @@ class JobStatus:
 
 
 class StatusView:
-    """Reads `jobs.status` (and `jobs.results`, when given) from the beginning, with no
-    group, into bounded memory: statuses by count, result records by total size. Used on
-    one event loop (the API process's); nothing here is shared between threads."""
+    """Reads `jobs.status` and `jobs.results` from the beginning, with no group, into
+    bounded memory: statuses by count, result records by total size (0: none kept, the
+    terminal statuses still are). Used on one event loop (the API process's); nothing
+    here is shared between threads."""
 
     def __init__(
         self,
@@ -41,18 +42,22 @@ class StatusView:
         topic: str,
         maxsize: int,
         *,
-        results_topic: str | None = None,
-        result_cache_bytes: int = 0,
+        results_topic: str,
+        result_cache_bytes: int,
     ) -> None:
         self._results_topic = results_topic
         self._latest: LRUCache[tuple[str, str], JobStatus] = LRUCache(maxsize=maxsize)
         self._results: LRUCache[tuple[str, str], bytes] = LRUCache(
             maxsize=max(1, result_cache_bytes), getsizeof=len
         )
-        self._keep_results = results_topic is not None and result_cache_bytes > 0
-        topics = [topic] if results_topic is None else [topic, results_topic]
+        self._keep_results = result_cache_bytes > 0
         self._reader = TopicReader(
-            settings, topics, name="status", handle=self._apply, max_records=2000, logger=log
+            settings,
+            [topic, results_topic],
+            name="status",
+            handle=self._apply,
+            max_records=2000,
+            logger=log,
         )
         self.caught_up = self._reader.caught_up
 
