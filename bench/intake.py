@@ -60,14 +60,14 @@ async def gateway_run(
     await gateway.start()
     tune_gc(settings)  # as `gateway run` does
     try:
-        while gateway.pools.completed == 0:  # exclude the group join from the window
+        while gateway.recorder.completed == 0:  # exclude the group join from the window
             await asyncio.sleep(0.005)
-        first = gateway.pools.completed
+        first = gateway.recorder.completed
         measure = Measure()
         with measure.window():
-            while gateway.pools.completed < jobs:
+            while gateway.recorder.completed < jobs:
                 await asyncio.sleep(0.005)
-        done = gateway.pools.completed - first
+        done = gateway.recorder.completed - first
     finally:
         await gateway.stop()
     return done / measure.wall_s, measure.cpu_s / done * 1000

@@ -610,14 +610,14 @@ async def saturated_run(
         phase = Phase(name, job_type, "saturated", cache_ttl_s=vault.cache_ttl_s)
         try:
             await gateway.start()
-            while gateway.pools.completed == 0:  # the group join is not the gateway's speed
+            while gateway.recorder.completed == 0:  # the group join is not the gateway's speed
                 await asyncio.sleep(0.005)
-            first = gateway.pools.completed
+            first = gateway.recorder.completed
             wall = time.perf_counter()
             marks: dict[int, float] = {}  # completions -> when: 10 % and 90 % of the backlog
             low, high = backlog // 10, backlog - backlog // 10
             with Window(gateway, services, load) as window:
-                while (completed := gateway.pools.completed) < backlog:
+                while (completed := gateway.recorder.completed) < backlog:
                     for mark in (low, high):
                         if completed >= mark and mark not in marks:
                             marks[mark] = time.perf_counter()
@@ -625,7 +625,7 @@ async def saturated_run(
             wall = time.perf_counter() - wall
             if low in marks and high in marks and marks[high] > marks[low]:
                 phase.middle_throughput = (high - low) / (marks[high] - marks[low])
-            done = gateway.pools.completed - first
+            done = gateway.recorder.completed - first
             # Vault counters over the whole drain (the cold start included), not the window.
             vault_total = _vault_counts(gateway.secrets.stats if gateway.secrets else None)
         finally:

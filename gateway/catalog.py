@@ -15,11 +15,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from gateway.errors import CatalogError
 
 __all__ = [
+    "DEFAULT_MAX_DEADLINE_S",
+    "MAX_ATTEMPTS_LIMIT",
     "TENANT_ID_PATTERN",
     "Catalog",
     "JobPolicy",
     "Quota",
     "Tenant",
+    "Tier",
     "hash_api_key",
     "load_catalog",
 ]
@@ -32,12 +35,25 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
 
+# The contract's bounds on what a job may ask for (jobs topic and POST /v1/jobs).
+MAX_ATTEMPTS_LIMIT = 100
+DEFAULT_MAX_DEADLINE_S = 3600.0
+
+
 class _QuotaFields(_Strict):
     max_concurrency: int = Field(ge=1)
     rate_per_s: float = Field(gt=0)
     burst: int = Field(ge=1)
     max_queued: int = Field(ge=0)
     weight: int = Field(ge=1)
+    # POST /v1/jobs per tenant; unset: derived from rate_per_s and burst.
+    submit_rate_per_s: float | None = Field(default=None, gt=0)
+    submit_burst: int | None = Field(default=None, ge=1)
+
+
+class _TierFields(_QuotaFields):
+    # Job limits a tier gives its tenants unless their file says otherwise.
+    max_deadline_s: float = Field(default=DEFAULT_MAX_DEADLINE_S, gt=0)
 
 
 class _QuotaOverrides(_Strict):
@@ -46,12 +62,15 @@ class _QuotaOverrides(_Strict):
     burst: int | None = Field(default=None, ge=1)
     max_queued: int | None = Field(default=None, ge=0)
     weight: int | None = Field(default=None, ge=1)
+    submit_rate_per_s: float | None = Field(default=None, gt=0)
+    submit_burst: int | None = Field(default=None, ge=1)
 
 
 class _JobsSection(_Strict):
     allowed_types: list[str] = Field(default_factory=lambda: ["echo"])
     default_deadline_s: float = Field(default=60.0, gt=0)
-    max_attempts: int | None = Field(default=None, ge=1)
+    max_deadline_s: float | None = Field(default=None, gt=0)
+    max_attempts: int | None = Field(default=None, ge=1, le=MAX_ATTEMPTS_LIMIT)
 
 
 class _SecretsSection(_Strict):
@@ -95,6 +114,21 @@ class Quota:
     burst: int
     max_queued: int
     weight: int
+    # Submissions through POST /v1/jobs (a token bucket per tenant; over it: 429).
+    submit_rate_per_s: float
+    submit_burst: int
+
+
+def _with_submit_defaults(fields: dict[str, Any]) -> dict[str, Any]:
+    """Fill the submission limits a tier or tenant left unset: four times the start rate
+    and burst (at least 50/s and 100), so the API can queue a backlog faster than it
+    runs, but no tenant can flood the broker through it."""
+    rate, burst = fields["rate_per_s"], fields["burst"]
+    if fields.get("submit_rate_per_s") is None:
+        fields["submit_rate_per_s"] = max(50.0, 4 * rate)
+    if fields.get("submit_burst") is None:
+        fields["submit_burst"] = max(100, 4 * burst)
+    return fields
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +137,18 @@ class JobPolicy:
 
     allowed_types: frozenset[str]
     default_deadline_s: float
+    max_deadline_s: float
     max_attempts: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Tier:
+    """A preset from policies/quotas.toml: a quota and the job limits that go with it."""
+
+    quota: Quota
+    max_deadline_s: float
+    # The submission limits as the tier file gives them (None: derived per tenant).
+    submit: Mapping[str, float | int | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +169,7 @@ class Catalog:
     """Every tenant, by id, plus the tiers they were built from."""
 
     tenants: Mapping[str, Tenant]
-    tiers: Mapping[str, Quota]
+    tiers: Mapping[str, Tier]
 
     def get(self, tenant_id: str) -> Tenant | None:
         """The tenant, or None when unknown."""
@@ -170,47 +215,61 @@ def _raise_first(path: Path, exc: ValidationError, prefix: str = "") -> CatalogE
     return CatalogError(str(path), field, message)
 
 
-def _load_tiers(policies_dir: Path) -> dict[str, Quota]:
+def _load_tiers(policies_dir: Path) -> dict[str, Tier]:
     path = policies_dir / "quotas.toml"
     raw = _read_toml(path)
-    tiers: dict[str, Quota] = {}
+    tiers: dict[str, Tier] = {}
     for name, fields in raw.items():
         if not isinstance(fields, dict):
             raise CatalogError(str(path), name, "each tier must be a table")
         try:
-            parsed = _QuotaFields.model_validate(fields)
+            parsed = _TierFields.model_validate(fields)
         except ValidationError as exc:
             raise _raise_first(path, exc, prefix=name) from None
-        tiers[name] = Quota(**parsed.model_dump())
+        fields = parsed.model_dump(exclude={"max_deadline_s"})
+        submit = {k: fields[k] for k in ("submit_rate_per_s", "submit_burst")}
+        quota = Quota(**_with_submit_defaults(fields))
+        tiers[name] = Tier(quota=quota, max_deadline_s=parsed.max_deadline_s, submit=submit)
     if not tiers:
         raise CatalogError(str(path), "", "no tiers defined")
     return tiers
 
 
-def _build_tenant(path: Path, raw: dict[str, Any], tiers: Mapping[str, Quota]) -> Tenant:
+def _build_tenant(path: Path, raw: dict[str, Any], tiers: Mapping[str, Tier]) -> Tenant:
     try:
         parsed = _TenantFile.model_validate(raw)
     except ValidationError as exc:
         raise _raise_first(path, exc) from None
     if parsed.id != path.stem:
         raise CatalogError(str(path), "id", f"{parsed.id!r} does not match the file name")
-    base = tiers.get(parsed.tier)
-    if base is None:
+    tier = tiers.get(parsed.tier)
+    if tier is None:
         known = ", ".join(sorted(tiers))
         raise CatalogError(str(path), "tier", f"unknown tier {parsed.tier!r} (known: {known})")
     overrides = {k: v for k, v in parsed.quota.model_dump().items() if v is not None}
-    quota = Quota(**{**_as_dict(base), **overrides})
+    # Submission limits the tier leaves unset are derived from the tenant's own rate.
+    merged = {**_as_dict(tier.quota), **tier.submit, **overrides}
+    quota = Quota(**_with_submit_defaults(merged))
     if quota.burst < 1:
         raise CatalogError(str(path), "quota.burst", "must be at least 1")
+    jobs = parsed.jobs
+    max_deadline_s = jobs.max_deadline_s or tier.max_deadline_s
+    if jobs.default_deadline_s > max_deadline_s:
+        raise CatalogError(
+            str(path),
+            "jobs.default_deadline_s",
+            f"{jobs.default_deadline_s:g} is above max_deadline_s ({max_deadline_s:g})",
+        )
     return Tenant(
         id=parsed.id,
         tier=parsed.tier,
         api_keys_sha256=frozenset(parsed.api_keys_sha256),
         quota=quota,
         jobs=JobPolicy(
-            allowed_types=frozenset(parsed.jobs.allowed_types),
-            default_deadline_s=parsed.jobs.default_deadline_s,
-            max_attempts=parsed.jobs.max_attempts,
+            allowed_types=frozenset(jobs.allowed_types),
+            default_deadline_s=jobs.default_deadline_s,
+            max_deadline_s=max_deadline_s,
+            max_attempts=jobs.max_attempts,
         ),
         secret_paths=tuple(parsed.secrets.paths),
         source=path,

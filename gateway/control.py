@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from cachetools import TTLCache
-
 from gateway.envelope import header_value
 from gateway.settings import KafkaSettings
+from gateway.tasks import Supervisor
+from gateway.tenantcache import TenantCache
 from gateway.topicreader import Batches, TopicReader
 
 __all__ = ["CancelCommand", "ControlListener", "PendingCancels", "parse_control"]
@@ -26,23 +26,35 @@ __all__ = ["CancelCommand", "ControlListener", "PendingCancels", "parse_control"
 log = logging.getLogger("gateway.control")
 
 JobKey = tuple[str, str]
+# A cancel command is a few hundred bytes; anything much larger is not one.
+_MAX_COMMAND_BYTES = 64 * 1024
 
 
 class PendingCancels:
-    """Bounded, expiring memory of cancel requests for jobs not held here (yet)."""
+    """Bounded, expiring memory of cancel requests for jobs not held here (yet), fair
+    between tenants: one tenant's cancels never push out another's (`TenantCache`)."""
 
     def __init__(self, maxsize: int, ttl_s: float) -> None:
-        self._keys: TTLCache[JobKey, float] = TTLCache(maxsize=maxsize, ttl=ttl_s)
+        self._added: TenantCache[float] = TenantCache(maxsize)
+        self._ttl_s = ttl_s
 
     def add(self, key: JobKey) -> None:
         """Remember a cancel of (tenant, job id)."""
-        self._keys[key] = time.time()
+        self._added.put(key, time.monotonic())
 
     def __contains__(self, key: object) -> bool:
-        return key in self._keys
+        if not isinstance(key, tuple) or len(key) != 2:
+            return False
+        added = self._added.peek(key)
+        if added is None:
+            return False
+        if time.monotonic() - added > self._ttl_s:
+            self._added.pop(key)
+            return False
+        return True
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._added)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,15 +78,19 @@ def parse_control(
     tenants = header_value(headers, "tenant")
     if len(tenants) != 1 or not tenants[0] or value is None:
         return None
+    if len(value) > _MAX_COMMAND_BYTES:
+        return None
     try:
         header_tenant = tenants[0].decode()
         body = json.loads(value)
-    except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    except (ValueError, RecursionError):  # UnicodeDecodeError, JSONDecodeError, deep nesting
         return None
     if not isinstance(body, dict) or body.get("op") != "cancel":
         return None
     job_id, tenant = body.get("id"), body.get("tenant")
-    if not isinstance(job_id, str) or not job_id or tenant != header_tenant:
+    if not isinstance(job_id, str) or not job_id or not isinstance(tenant, str):
+        return None
+    if tenant != header_tenant:
         return None
     return CancelCommand(header_tenant, job_id, _epoch(body.get("requested_at"), timestamp_ms))
 
@@ -101,11 +117,18 @@ class ControlListener:
         topic: str,
         ttl_s: float,
         on_cancel: Callable[[CancelCommand], None],
+        supervisor: Supervisor,
     ) -> None:
         self._ttl_s = ttl_s
         self._on_cancel = on_cancel
         self._reader = TopicReader(
-            settings, [topic], name="control", handle=self._apply, max_records=1000, logger=log
+            settings,
+            [topic],
+            name="control",
+            handle=self._apply,
+            max_records=1000,
+            logger=log,
+            supervisor=supervisor,
         )
         self.caught_up = self._reader.caught_up
 

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from gateway.tasks import cancel_and_wait
+from gateway.tasks import Supervisor
 
 __all__ = ["DelayQueue"]
 
@@ -20,8 +20,9 @@ T = TypeVar("T")
 class DelayQueue(Generic[T]):
     """A timer heap: `due(item)` is called for each item once its time (epoch ms) comes."""
 
-    def __init__(self, due: Callable[[T], None]) -> None:
+    def __init__(self, due: Callable[[T], None], supervisor: Supervisor) -> None:
         self._due = due
+        self._supervisor = supervisor
         self._heap: list[tuple[int, int, T]] = []
         self._seq = itertools.count()
         self._changed = asyncio.Event()
@@ -48,12 +49,12 @@ class DelayQueue(Generic[T]):
     async def start(self) -> None:
         """Start the timer task."""
         if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="gateway:delays")
+            self._task = self._supervisor.spawn(self._run(), "gateway:delays")
 
     async def stop(self) -> list[T]:
         """Stop the timer; returns what was still held (it was not finished)."""
         task, self._task = self._task, None
-        await cancel_and_wait(task)
+        await self._supervisor.cancel(task)
         held = [entry[2] for entry in self._heap]
         self._heap.clear()
         return held

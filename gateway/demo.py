@@ -273,6 +273,12 @@ async def _api_scenario(board: _Board, gateway: Gateway, base: str) -> None:
     before = _denials(gateway)
     other = await call(_http, "GET", f"{base}/v1/jobs/{victim}", DEMO_KEYS["acme"])
     unknown = await call(_http, "GET", f"{base}/v1/jobs/no-such-{victim}", DEMO_KEYS["acme"])
+    # The attempt is audited and counted off the request path, a moment later.
+    for _ in range(50):
+        if _denials(gateway) > before:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)  # and the unknown id must not be counted
     counted = _denials(gateway) - before
     blocked.ok = other[0] == 404 and other == unknown and counted == 1
     blocked.detail = (
@@ -373,15 +379,20 @@ async def run_demo(
                 "session_timeout_ms": 6000,
             }
         )
-        # Like the broker and Vault, the API takes a free port unless one is set.
+        # Like the broker and Vault, the API and the ops listener take free ports unless
+        # one is set.
         http = settings.http
         if "port" not in http.model_fields_set:
             http = http.model_copy(update={"port": 0})
         http = http.model_copy(update={"enabled": True})
+        ops = settings.ops
+        if "port" not in ops.model_fields_set:
+            ops = ops.model_copy(update={"port": 0})
         demo_settings = settings.model_copy(
             update={
                 "kafka": kafka,
                 "http": http,
+                "ops": ops,
                 "retry": settings.retry.model_copy(update={"base_s": 0.5}),
             }
         )
@@ -395,6 +406,7 @@ async def run_demo(
         tune_gc(demo_settings)
         base = f"http://{http.host}:{gateway.http_port}"
         console.print(f"control API on {base} (keys: demo-key-acme, -globex, -initech)")
+        console.print(f"ops listener (metrics, health) on http://{ops.host}:{gateway.ops_port}")
         producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers, linger_ms=5)
         consumer = AIOKafkaConsumer(
             demo_settings.topics.results,

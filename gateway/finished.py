@@ -4,19 +4,19 @@ already ended, and nothing more.
 It reads `jobs.results` (one record per finished job) rather than `jobs.status` (every
 transition: queued, deferred, running, retrying...), and only the `tenant`, `job-id` and
 `status` headers the contract puts on each result, so a burst's thousands of `deferred`
-statuses cost this process nothing. Statuses and result records for `GET` are the API
+statuses cost this process nothing. This replica's own outcomes are remembered by the
+recorder as they are decided; statuses and result records for `GET` are the API
 process's `StatusView`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 from gateway.history import TerminalHistory
-from gateway.records import TERMINAL
+from gateway.records import TERMINAL, parse_result
 from gateway.settings import KafkaSettings
-from gateway.statusview import JobStatus, parse_result
+from gateway.tasks import Supervisor
 from gateway.topicreader import Batches, TopicReader
 
 __all__ = ["FinishedJobs"]
@@ -27,10 +27,15 @@ _TERMINAL = {status.value.encode(): status for status in TERMINAL}  # header byt
 
 
 class FinishedJobs:
-    """Feeds the terminal history from `jobs.results` (read from the start, no group) and
-    from this replica's own outcomes as they are published."""
+    """Feeds the terminal history from `jobs.results` (read from the start, no group)."""
 
-    def __init__(self, settings: KafkaSettings, results_topic: str, history: TerminalHistory):
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        results_topic: str,
+        history: TerminalHistory,
+        supervisor: Supervisor,
+    ) -> None:
         self._history = history
         self._reader = TopicReader(
             settings,
@@ -39,22 +44,9 @@ class FinishedJobs:
             handle=self._apply,
             max_records=2000,
             logger=log,
+            supervisor=supervisor,
         )
         self.caught_up = self._reader.caught_up
-        # Told of each result this replica publishes (the gateway hands them to its API
-        # process, so GET shows them without waiting to read them back).
-        self.on_own_result: Callable[[bytes, JobStatus], None] | None = None
-
-    def observe(self, status: JobStatus) -> None:
-        """One of this replica's own transitions; terminal ones are remembered."""
-        if status.status in TERMINAL:
-            self._history.remember((status.tenant, status.job_id), status.status)
-
-    def observe_result(self, value: bytes, status: JobStatus) -> None:
-        """A result this replica has just published, with its terminal status."""
-        self.observe(status)
-        if self.on_own_result is not None:
-            self.on_own_result(value, status)
 
     async def start(self) -> None:
         """Assign every partition of `jobs.results` and begin reading from the start."""

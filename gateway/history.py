@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-from cachetools import LRUCache
-
 from gateway.records import Status
+from gateway.tenantcache import TenantCache
 
 __all__ = ["TerminalHistory"]
 
 
 class TerminalHistory:
-    """Bounded memory of (tenant, job id) -> terminal status; oldest entries fall out."""
+    """Bounded memory of (tenant, job id) -> terminal status, fair between tenants: one
+    tenant's volume pushes out only its own oldest entries (see `TenantCache`)."""
 
     def __init__(self, maxsize: int) -> None:
-        self._seen: LRUCache[tuple[str, str], Status] = LRUCache(maxsize=maxsize)
+        self._seen: TenantCache[Status] = TenantCache(maxsize)
 
     def remember(self, key: tuple[str, str], status: Status) -> None:
         """Record a terminal status."""
-        self._seen[key] = status
+        self._seen.put(key, status)
 
     def get(self, key: tuple[str, str]) -> Status | None:
         """The terminal status of a job, when it is still remembered."""

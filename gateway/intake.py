@@ -1,12 +1,18 @@
-"""Kafka intake: consume jobs, retries and deferrals; track offsets; commit behind finished work."""
+"""Kafka intake: the consumer, its fetch loop, memory bounds, commits and rebalances.
+
+One consumer in the group reads `jobs`, `jobs.retry` and `jobs.deferred`. Each record
+is tracked by the offset tracker and handed to admission; whatever happens to it, its
+ticket is finished by the recorder once its outcome is on the broker, and a partition
+commits only past a contiguous run of finished records (invariant 4). Handling one
+record can never stop the loop: an unexpected error dead-letters that record
+(`internal_error`) and the next one is read.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -14,32 +20,32 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
-from gateway.catalog import Catalog
+from gateway.admission import Admission
 from gateway.collectors import LagFigure
-from gateway.control import PendingCancels
-from gateway.delays import DelayQueue
-from gateway.envelope import Rejection, Source, parse_record
-from gateway.errors import ProduceError
-from gateway.flows import JobTypes
-from gateway.history import TerminalHistory
+from gateway.envelope import Source, header_bytes
 from gateway.metrics import Metrics
-from gateway.observability import job_log
-from gateway.offsets import OffsetTracker, Ticket
-from gateway.outcomes import cancelled_records, rejection_records
-from gateway.pools import Entry, Pools
-from gateway.publisher import Publisher
-from gateway.records import OutRecord, Status, delayed_record, status_record
+from gateway.offsets import OffsetTracker
+from gateway.pools import Pools
+from gateway.recorder import Recorder
 from gateway.settings import Settings
-from gateway.tasks import cancel_and_wait
+from gateway.tasks import Supervisor
 
-__all__ = ["Intake"]
+__all__ = ["Intake", "source_of"]
 
 log = logging.getLogger("gateway.intake")
 
-# Records (and bytes of values) per produce round of the side outbox (DLQ, deferrals,
-# cancels); one round is acknowledged within `produce_timeout_s` or the gateway stops.
-_OUTBOX_BATCH = 5000
-_OUTBOX_BATCH_BYTES = 8 * 1024 * 1024
+
+def source_of(record: Any) -> Source:
+    """The parts of a consumed record (aiokafka's ConsumerRecord) the gateway keeps."""
+    return Source(
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        value=record.value,
+        headers=tuple(record.headers or ()),
+        timestamp_ms=record.timestamp or 0,
+        key=record.key,
+    )
 
 
 def _over_bound(paused: bool, count: int, size: int, max_count: int, max_bytes: int) -> bool:
@@ -68,37 +74,22 @@ class Intake:
         self,
         *,
         settings: Settings,
-        catalog: Callable[[], Catalog],
-        job_types: JobTypes,
-        publisher: Publisher,
+        tracker: OffsetTracker,
+        admission: Admission,
+        recorder: Recorder,
         pools: Pools,
-        history: TerminalHistory,
-        fatal: Callable[[BaseException], None],
-        cancels: PendingCancels | None = None,
+        supervisor: Supervisor,
         metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
-        self._catalog = catalog
-        self._types = job_types
-        self._publisher = publisher
+        self.tracker = tracker
+        self._admission = admission
+        self._recorder = recorder
         self._pools = pools
-        self._history = history
-        self._fatal = fatal
+        self._supervisor = supervisor
         self._metrics = metrics
-        # Cancels for jobs not held yet, shared with the control listener; without one
-        # (no control plane), a stand-in that remembers next to nothing.
-        self._cancels = cancels if cancels is not None else PendingCancels(1, 1.0)
-        self.tracker = OffsetTracker()
-        self._delays: DelayQueue[Entry] = DelayQueue(self._due)
         self._consumer: AIOKafkaConsumer | None = None
         self._commit_lock = asyncio.Lock()
-        # DLQ, deferral and cancel records wait here for one sender task: thousands of
-        # concurrent senders make aiokafka's accumulator wake every waiter per batch.
-        self._outbox: deque[tuple[list[OutRecord], list[Ticket]]] = deque()
-        self._outbox_wake = asyncio.Event()
-        self._outbox_idle = asyncio.Event()
-        self._outbox_idle.set()
-        self._outbox_task: asyncio.Task[None] | None = None
         self._delayed_paused: set[TopicPartition] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._commit_task: asyncio.Task[None] | None = None
@@ -107,6 +98,8 @@ class Intake:
         topics = settings.topics
         self._delayed_topics = {topics.retry, topics.deferred}
         self._on_assignment: Callable[[set[TopicPartition]], None] | None = None
+        # Set while fetching fails with something other than a broker error.
+        self.fetch_problem: str | None = None
 
     def on_assignment(self, callback: Callable[[set[TopicPartition]], None]) -> None:
         """Call `callback(assigned)` after every rebalance (quota shares follow it)."""
@@ -140,35 +133,26 @@ class Intake:
         consumer.subscribe([topics.jobs, topics.retry, topics.deferred], listener=_Listener(self))
         await consumer.start()
         self._consumer = consumer
-        await self._delays.start()
-        self._loop_task = asyncio.create_task(self._fetch_loop(), name="gateway:intake")
-        self._commit_task = asyncio.create_task(self._commit_loop(), name="gateway:commits")
+        self._loop_task = self._supervisor.spawn(self._fetch_loop(), "gateway:intake")
+        self._commit_task = self._supervisor.spawn(self._commit_loop(), "gateway:commits")
 
     async def stop_fetching(self) -> None:
-        """Stop taking records; held delayed records are dropped (redelivered later)."""
+        """Stop taking records (and committing periodically)."""
         for attr in ("_loop_task", "_commit_task"):
             task = getattr(self, attr)
             setattr(self, attr, None)
-            await cancel_and_wait(task)
-        await self._delays.stop()
-
-    async def drain_side_tasks(self, timeout_s: float) -> None:
-        """Wait (bounded) for DLQ, deferral and cancel publishes already queued."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._outbox_idle.wait(), timeout_s)
+            await self._supervisor.cancel(task)
 
     async def close(self) -> None:
         """Commit what is finished and leave the group; idempotent."""
         consumer = self._consumer
         if consumer is None:
             return
-        await self.commit()
-        sender, self._outbox_task = self._outbox_task, None
-        if sender is not None:
-            sender.cancel()
-            await asyncio.wait({sender}, timeout=5.0)
-        self._consumer = None
-        await consumer.stop()
+        try:
+            await self.commit()
+        finally:
+            self._consumer = None
+            await consumer.stop()
 
     # -- fetching ------------------------------------------------------------
 
@@ -185,6 +169,14 @@ class Intake:
                 log.warning("fetch_failed", extra={"error": type(exc).__name__})
                 await asyncio.sleep(0.5)
                 continue
+            except Exception as exc:  # noqa: BLE001  # the client could not decode a record
+                # Nothing names the record, so it cannot be dead-lettered: say so loudly
+                # (readiness too) and keep trying rather than exit into a restart loop.
+                self.fetch_problem = type(exc).__name__
+                log.error("fetch_failed", extra={"error": self.fetch_problem})
+                await asyncio.sleep(1.0)
+                continue
+            self.fetch_problem = None
             for tp, records in batches.items():
                 if tp not in self._assigned:
                     continue
@@ -240,201 +232,14 @@ class Intake:
             log.info("intake_resumed", extra={"outstanding": outstanding, "bytes": size})
 
     def _take(self, tp: TopicPartition, record: Any) -> None:
-        size = len(record.value or b"") + len(record.key or b"")
+        headers = record.headers or ()
+        size = len(record.value or b"") + len(record.key or b"") + header_bytes(headers)
         ticket = self.tracker.track(tp, record.offset, size)
-        source = Source(
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            value=record.value,
-            headers=tuple(record.headers or ()),
-            timestamp_ms=record.timestamp or 0,
-        )
-        parsed = parse_record(
-            source=source,
-            catalog=self._catalog(),
-            known_types=self._types,
-            max_payload_bytes=self._settings.max_payload_bytes,
-        )
-        if isinstance(parsed, Rejection):
-            self._reject(parsed, ticket)
-            return
-        entry = Entry(job=parsed, ticket=ticket, partition=tp)
-        not_before = parsed.not_before_ms
-        if (
-            not_before is not None
-            and record.topic in self._delayed_topics
-            and not_before > time.time() * 1000
-            and entry.job.key not in self._cancels
-        ):
-            self._delays.add(not_before, entry)
-            return
-        self._admit(entry)
-
-    def _due(self, entry: Entry) -> None:
-        if entry.partition in self._assigned:
-            self._admit(entry)
-
-    def _back_from_deferral(self, entry: Entry) -> None:
-        # Counted when due, not when read back: the tenant's deferred backlog paces
-        # further deferrals, and records read early but still waiting are part of it.
-        if entry.job.source.topic == self._settings.topics.deferred:
-            self._pools.deferred_returned(entry.job.tenant)
-
-    def _admit(self, entry: Entry) -> None:
-        job = entry.job
-        self._back_from_deferral(entry)
-        if self._history.get(job.key) is not None:
-            job_log(log, logging.INFO, "duplicate_skipped", job)
-            self._finish_ticket(entry.ticket)
-            return
-        current = self._pools.find(job.key)
-        if current is not None:
-            # The same job is already queued or running: finish this record with it.
-            current.followers.append(entry.ticket)
-            return
-        if job.key in self._cancels:
-            self._finish_cancelled([entry], "on_arrival")
-            return
-        # A retry or deferral read back and due is already in memory: it waits for room
-        # in its tenant's buffer, in a line of at most `max_queued`. Sent around
-        # jobs.deferred again it costs a produce, a status record and a read, and under
-        # a flood such bounces outnumbered the jobs many times over; but a line without
-        # a cap would hold a slow tenant's records, and with them the partitions other
-        # tenants' retries and deferrals share, until it worked them off.
-        may_wait = job.source.topic in self._delayed_topics
-        if not self._pools.submit(entry, may_wait=may_wait):
-            self._defer(entry)
-
-    # -- cancellation ----------------------------------------------------------
-
-    def cancel(self, key: tuple[str, str]) -> str:
-        """Cancel a job by (tenant, id) wherever this replica holds it; say where.
-
-        `running`: its flow is being cancelled; `queued` or `delayed` (a retry or
-        deferral waiting for its time): it never starts, `cancelled` is recorded now;
-        `pending`: not held here, so the request is remembered and wins on arrival.
-        The request is remembered in every case, for redeliveries of the same job.
-        """
-        self._cancels.add(key)
-        entry = self._pools.cancel(key)
-        if entry is not None:
-            if entry.task is not None:
-                return "running"
-            self._finish_cancelled([entry], "queued")
-            return "queued"
-        held = self._delays.remove(lambda e: e.job.key == key)
-        for entry in held:
-            self._back_from_deferral(entry)
-        if held:
-            self._finish_cancelled(held, "delayed")
-            return "delayed"
-        return "pending"
-
-    def _finish_cancelled(self, entries: list[Entry], where: str) -> None:
-        job = entries[0].job
-        records = cancelled_records(job, topics=self._settings.topics, at=time.time())
-        self._history.remember(job.key, Status.CANCELLED)
-        job_log(log, logging.INFO, "job_cancelled", job, where=where)
-        if self._metrics is not None:
-            self._metrics.jobs.labels(job.tenant, job.type, Status.CANCELLED.value).inc()
-        tickets = [t for e in entries for t in (e.ticket, *e.followers)]
-        self._publish_then_finish(records, tickets)
-
-    # -- outcomes that do not run a flow ---------------------------------------
-
-    def _reject(self, rejection: Rejection, ticket: Ticket) -> None:
-        log.info(
-            "job_rejected",
-            extra={
-                "reason": rejection.reason.value,
-                "tenant": rejection.tenant,
-                "job_id": rejection.job_id,
-                "topic": rejection.source.topic,
-                "partition": rejection.source.partition,
-                "offset": rejection.source.offset,
-            },
-        )
-        if self._metrics is not None:
-            self._metrics.dlq.labels(rejection.reason.value).inc()
-        records = rejection_records(rejection, topics=self._settings.topics, at=time.time())
-        self._publish_then_finish(records, [ticket])
-
-    def _defer(self, entry: Entry) -> None:
-        job = entry.job
-        topics = self._settings.topics
-        if self._catalog().get(job.tenant) is None:
-            # Removed from the catalog since parsing: the DLQ owns it now.
-            parsed = parse_record(
-                source=job.source,
-                catalog=self._catalog(),
-                known_types=self._types,
-                max_payload_bytes=self._settings.max_payload_bytes,
-            )
-            if isinstance(parsed, Rejection):
-                self._reject(parsed, entry.ticket)
-                return
-        now = time.time()
-        delay = self._pools.defer_delay_s(job.tenant)
-        if self._metrics is not None:
-            self._metrics.deferrals.labels(job.tenant).inc()
-        records = [
-            delayed_record(
-                topics.deferred, job, attempt=job.attempt, not_before_ms=int((now + delay) * 1000)
-            ),
-            status_record(
-                topics.status,
-                tenant=job.tenant,
-                job_id=job.id,
-                status=Status.DEFERRED,
-                attempt=job.attempt,
-                at=now,
-            ),
-        ]
-        job_log(log, logging.DEBUG, "job_deferred", job, delay_s=round(delay, 3))
-        self._publish_then_finish(records, [entry.ticket, *entry.followers])
-
-    def _publish_then_finish(self, records: list[OutRecord], tickets: list[Ticket]) -> None:
-        """Queue records for the sender; their tickets finish once the broker has them."""
-        self._outbox.append((records, tickets))
-        self._outbox_idle.clear()
-        self._outbox_wake.set()
-        if self._outbox_task is None or self._outbox_task.done():
-            self._outbox_task = asyncio.create_task(self._send_outbox(), name="gateway:outbox")
-
-    async def _send_outbox(self) -> None:
-        outbox = self._outbox
-        while True:
-            if not outbox:
-                self._outbox_idle.set()
-                self._outbox_wake.clear()
-                await self._outbox_wake.wait()
-                continue
-            batch: list[tuple[list[OutRecord], list[Ticket]]] = []
-            count = size = 0
-            while outbox and count < _OUTBOX_BATCH and size < _OUTBOX_BATCH_BYTES:
-                item = outbox.popleft()
-                batch.append(item)
-                count += len(item[0])
-                size += sum(len(r.value or b"") for r in item[0])
-            try:
-                await self._publisher.send([r for records, _ in batch for r in records])
-            except ProduceError as exc:
-                log.error("outcome_not_recorded", extra={"error": exc.code})
-                self._fatal(exc)
-                return
-            for _, tickets in batch:
-                for ticket in tickets:
-                    self._finish_ticket(ticket)
-
-    def finish_entry(self, entry: Entry) -> None:
-        """A job's outcome is acknowledged: its record (and duplicates of it) are finished."""
-        self._finish_ticket(entry.ticket)
-        for ticket in entry.followers:
-            self._finish_ticket(ticket)
-
-    def _finish_ticket(self, ticket: Ticket) -> None:
-        self.tracker.finish(ticket)
+        source = source_of(record)
+        try:
+            self._admission.take(source, ticket, tp)
+        except Exception as exc:  # noqa: BLE001  # one record's failure, never the loop's
+            self._recorder.failed(source, [ticket], exc)
 
     # -- commits and rebalances ------------------------------------------------
 
@@ -489,8 +294,7 @@ class Intake:
             return
         self._assigned -= revoked
         self._delayed_paused -= revoked
-        for entry in self._delays.remove(lambda e: e.partition in revoked):
-            self._back_from_deferral(entry)
+        self._admission.revoke(set(revoked))
         grace = min(self._settings.shutdown_grace_s, self._settings.kafka.session_timeout_ms / 2000)
         await self._pools.revoke(set(revoked), grace)
         await self.commit(set(revoked))

@@ -1,52 +1,33 @@
-"""Tenant pools: admission under each tenant's quota, fair dispatch, and job execution."""
+"""Tenant pools: each tenant's buffer under its quota, fair dispatch, and the job tasks.
+
+Admission submits jobs; the dispatcher starts them as the fair scheduler allows (a
+slot free in the replica, the tenant under its concurrency, a token in its bucket);
+each started job runs in its own task through the runner, and its outcome goes to the
+recorder. Nothing here writes to Kafka.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
-import random
 import time
 from collections.abc import Callable, Hashable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from gateway.audit import audit_tenant_violation
 from gateway.catalog import Catalog, Tenant
-from gateway.envelope import DlqReason, Job
-from gateway.errors import ProduceError
-from gateway.finished import FinishedJobs
-from gateway.flows import JobContext, JobTypes, Outcome, run_job
-from gateway.metrics import Metrics
-from gateway.observability import flow_event_middleware, job_log
-from gateway.offsets import Ticket
-from gateway.outcomes import Decision, decide
-from gateway.publisher import Publisher
-from gateway.records import Status, rfc3339, status_record
+from gateway.entry import Entry
+from gateway.observability import job_log
+from gateway.recorder import Recorder
+from gateway.records import Status
+from gateway.runner import CANCELLED, Outcome, Runner
 from gateway.scheduler import FairScheduler, TenantLimits
 from gateway.settings import Settings
-from gateway.statusview import JobStatus
-from gateway.tasks import cancel_and_wait
-from gateway.vault import JobSecrets, SecretStore, redact
+from gateway.tasks import Supervisor
 
-__all__ = ["Entry", "PoolFigures", "Pools", "limits_for"]
+__all__ = ["PoolFigures", "Pools", "limits_for"]
 
 log = logging.getLogger("gateway.pools")
-
-
-@dataclass(eq=False, slots=True)
-class Entry:
-    """A job on its way through the gateway, with the offset ticket(s) it finishes."""
-
-    job: Job
-    ticket: Ticket
-    partition: Hashable
-    followers: list[Ticket] = field(default_factory=list)
-    cancel: asyncio.Event = field(default_factory=asyncio.Event)
-    task: asyncio.Task[None] | None = None
-    # True only while the task awaits run_job, the one place a task cancellation
-    # requested by a user is turned into a `cancelled` outcome.
-    in_flow: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,24 +43,6 @@ class PoolFigures:
     completed: int
 
 
-# The least time a job holds a slot (flow start and stop, and the broker's
-# acknowledgement of its records): with `max_concurrency` it bounds how fast a tenant
-# can work off its buffer when its rate does not.
-_MIN_SLOT_HOLD_S = 0.02
-
-
-def _scrubbed(outcome: Outcome, secrets: JobSecrets | None) -> Outcome:
-    """The outcome with any secret value the job received masked in its result and error."""
-    values = secrets.handed_out if secrets is not None else frozenset()
-    if not values:
-        return outcome
-    return dataclasses.replace(
-        outcome,
-        result=redact(outcome.result, values),
-        error_message=redact(outcome.error_message, values),
-    )
-
-
 def limits_for(tenant: Tenant, share: float = 1.0) -> TenantLimits:
     """The scheduler's view of a tenant's quota, scaled to this replica's share."""
     quota = tenant.quota
@@ -92,42 +55,34 @@ def limits_for(tenant: Tenant, share: float = 1.0) -> TenantLimits:
     )
 
 
-_CANCELLED = Outcome(Status.CANCELLED, None, "cancelled", "cancelled on request")
+def _internal_error(exc: BaseException) -> Outcome:
+    # A bug of the gateway's, not the job's: retried like any unexpected failure.
+    message = f"the gateway failed running the job ({type(exc).__name__})"
+    return Outcome(Status.FAILED, None, "internal_error", message, retryable=True)
 
 
 class Pools:
-    """Buffers jobs per tenant, starts them fairly within quotas, and records outcomes."""
+    """Buffers jobs per tenant, starts them fairly within quotas, and runs them."""
 
     def __init__(
         self,
         *,
         settings: Settings,
         catalog: Callable[[], Catalog],
-        job_types: JobTypes,
-        publisher: Publisher,
-        finished: FinishedJobs,
-        finish: Callable[[Entry], None],
-        fatal: Callable[[BaseException], None],
-        secrets: SecretStore | None = None,
-        metrics: Metrics | None = None,
+        runner: Runner,
+        recorder: Recorder,
+        supervisor: Supervisor,
     ) -> None:
-        self._settings = settings
         self._catalog = catalog
-        self._types = job_types
-        self._publisher = publisher
-        self._finished = finished
-        self._secrets = secrets
-        self._metrics = metrics
-        self._finish = finish
-        self._fatal = fatal
-        self._rng = random.Random()  # noqa: S311  # backoff jitter, not a secret
+        self._runner = runner
+        self._recorder = recorder
+        self._supervisor = supervisor
         self.scheduler: FairScheduler[Entry] = FairScheduler(settings.max_inflight)
         self._by_key: dict[tuple[str, str], Entry] = {}
         self._running: set[Entry] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._share = 1.0
-        self.completed = 0
 
     # -- admission -----------------------------------------------------------
 
@@ -173,6 +128,11 @@ class Pools:
         self._wake.set()
         return True
 
+    def book_deferral(self, tenant_id: str) -> float:
+        """Seconds until an overflowing job of the tenant should come back (see the
+        scheduler's deferral horizon)."""
+        return self.scheduler.book_deferral(tenant_id, time.monotonic())
+
     def apply_catalog(self, catalog: Catalog) -> None:
         """Apply new limits to admissions from now on (hot reload, share change)."""
         now = time.monotonic()
@@ -185,45 +145,18 @@ class Pools:
         self._share = max(0.0, min(1.0, share)) or 1.0
         self.apply_catalog(self._catalog())
 
-    def defer_delay_s(self, tenant_id: str) -> float:
-        """Book one more deferral and return its delay: the time to work off everything
-        of the tenant that is buffered or already deferred, so deferred records come back
-        spread out instead of bouncing off a full buffer.
-
-        The pace is the token bucket's rate, but never more than `max_concurrency` slots
-        each held `_MIN_SLOT_HOLD_S` can take: with the rate alone, a tenant limited by
-        concurrency (a rate far above what its slots allow) got the 50 ms floor, and its
-        overflow bounced between a full buffer and `jobs.deferred` every 50 ms for as long
-        as the backlog lasted. (Pacing by the tenant's measured slot time was tried and
-        dropped: slots held long by a busy loop in a burst's first seconds booked the
-        overflow far too late, and a 600/s tenant ran at 113/s.)
-        """
-        queue = self.scheduler.tenant(tenant_id)
-        if queue is None:
-            return 1.0
-        queue.deferred += 1
-        backlog = len(queue.items) + len(queue.waiting) + queue.deferred
-        pace = min(queue.bucket.rate, queue.limits.max_concurrency / _MIN_SLOT_HOLD_S)
-        return max(0.05, backlog / pace)
-
-    def deferred_returned(self, tenant_id: str) -> None:
-        """A deferred record of the tenant came back from `jobs.deferred`."""
-        queue = self.scheduler.tenant(tenant_id)
-        if queue is not None and queue.deferred > 0:
-            queue.deferred -= 1
-
     # -- lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
         """Start dispatching."""
         self.apply_catalog(self._catalog())
         if self._task is None:
-            self._task = asyncio.create_task(self._dispatch(), name="gateway:dispatch")
+            self._task = self._supervisor.spawn(self._dispatch(), "gateway:dispatch")
 
     async def stop(self, grace_s: float) -> None:
         """Stop starting jobs, let running ones finish within `grace_s`, cancel the rest."""
         task, self._task = self._task, None
-        await cancel_and_wait(task)
+        await self._supervisor.cancel(task)
         for entry in self.scheduler.remove(lambda _: True):
             self._by_key.pop(entry.job.key, None)
         await self._wait_or_cancel(list(self._running), grace_s)
@@ -269,14 +202,25 @@ class Pools:
                 await asyncio.wait_for(self._wake.wait(), wait)
 
     async def _execute(self, entry: Entry) -> None:
+        """One attempt: `running`, the flow, the outcome. A cancellation by shutdown or
+        rebalance records nothing: the record stays unfinished and is redelivered."""
         job = entry.job
         try:
-            await self._run_and_record(entry)
-        except asyncio.CancelledError:
-            raise
-        except ProduceError as exc:
-            job_log(log, logging.ERROR, "outcome_not_recorded", job, error=exc.code)
-            self._fatal(exc)
+            started = time.time()
+            self._recorder.started(entry, started)
+            try:
+                outcome = (
+                    CANCELLED if entry.cancel.is_set() else await self._runner.run(entry, started)
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001  # one job's failure, never the pool's
+                job_log(log, logging.ERROR, "job_internal_error", job, error=type(exc).__name__)
+                outcome = _internal_error(exc)
+            try:
+                self._recorder.finished(entry, outcome, started=started, finished=time.time())
+            except Exception as exc:  # noqa: BLE001  # its records could not be built
+                self._recorder.failed(job.source, entry.tickets, exc)
         finally:
             self._running.discard(entry)
             if self._by_key.get(job.key) is entry:
@@ -284,123 +228,15 @@ class Pools:
             self.scheduler.release(job.tenant)
             self._wake.set()
 
-    async def _run_and_record(self, entry: Entry) -> None:
-        job = entry.job
-        topics = self._settings.topics
-        tenant = self._catalog().get(job.tenant)
-        started = time.time()
-        await self._publisher.send_later(
-            status_record(
-                topics.status,
-                tenant=job.tenant,
-                job_id=job.id,
-                status=Status.RUNNING,
-                attempt=job.attempt,
-                at=started,
-            )
-        )
-        if entry.cancel.is_set():
-            outcome = _CANCELLED
-        else:
-            outcome = await self._run(entry, tenant, started)
-        finished = time.time()
-        decision = decide(
-            job,
-            outcome,
-            tenant=tenant,
-            topics=topics,
-            retry=self._settings.retry,
-            started_at=started,
-            finished_at=finished,
-            rng=self._rng,
-        )
-        await self._publisher.send(decision.records)
-        status = JobStatus(job.tenant, job.id, decision.status, job.attempt, rfc3339(finished))
-        result = next((r.value for r in decision.records if r.topic == topics.results), None)
-        if result is not None:
-            self._finished.observe_result(result, status)  # the API answers GET with it at once
-        else:
-            self._finished.observe(status)
-        if outcome.error_code == "tenant_violation":
-            audit_tenant_violation(
-                tenant=job.tenant, job_id=job.id, job_type=job.type, attempt=job.attempt
-            )
-        job_log(
-            log,
-            logging.INFO,
-            "job_finished",
-            job,
-            outcome=decision.status.value,
-            duration_ms=round((finished - started) * 1000, 3),
-            error=outcome.error_code,
-        )
-        self._count(job, decision, outcome.error_code, finished - started)
-        self.completed += 1
-        self._finish(entry)
-
-    def _count(self, job: Job, decision: Decision, error_code: str | None, seconds: float) -> None:
-        metrics = self._metrics
-        if metrics is None:
-            return
-        metrics.jobs.labels(job.tenant, job.type, decision.status.value).inc()
-        metrics.job_duration.labels(job.tenant, job.type).observe(seconds)
-        if decision.status is Status.RETRYING:
-            metrics.retries.labels(job.tenant, metrics.error_code(error_code)).inc()
-        dlq = self._settings.topics.dlq
-        if any(record.topic == dlq for record in decision.records):
-            metrics.dlq.labels(DlqReason.MAX_ATTEMPTS_EXCEEDED.value).inc()
-
-    def _node_latency(self, job: Job) -> Callable[[str, float], None] | None:
-        metrics = self._metrics
-        if metrics is None:
-            return None
-
-        def observe(node: str, seconds: float) -> None:
-            metrics.node_latency.labels(job.tenant, metrics.node_name(node)).observe(seconds)
-
-        return observe
-
-    async def _run(self, entry: Entry, tenant: Tenant | None, started: float) -> Outcome:
-        job = entry.job
-        factory = self._types.get(job.type)
-        if factory is None or tenant is None:
-            reason = "unknown_type" if factory is None else "unknown_tenant"
-            return Outcome(Status.FAILED, None, reason, "job can no longer run here")
-        deadline = job.deadline_s or tenant.jobs.default_deadline_s
-        secrets = self._secrets.for_job(job.tenant, job.id) if self._secrets else None
-        ctx = JobContext(
-            tenant=job.tenant,
-            job_id=job.id,
-            job_type=job.type,
-            attempt=job.attempt,
-            payload=job.payload,
-            deadline_at=started + deadline,
-            base_idempotency_key=job.idempotency_key,
-        )
-        if secrets is not None:
-            ctx = dataclasses.replace(ctx, secrets=secrets)
-        middleware = flow_event_middleware(job, self._node_latency(job))
-        entry.in_flow = True
-        try:
-            outcome = await run_job(ctx, factory, cancel=entry.cancel, middlewares=[middleware])
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if entry.cancel.is_set() and task is not None and task.uncancel() == 0:
-                # A cancel request that landed while the flow was already stopping.
-                return _CANCELLED
-            raise
-        finally:
-            entry.in_flow = False
-        return _scrubbed(outcome, secrets)
-
     def snapshot(self) -> Iterable[PoolFigures]:
         """Per-tenant figures for every pool this replica has seen."""
+        now = time.monotonic()
         for tenant_id, queue in self.scheduler.tenants():
             yield PoolFigures(
                 tenant=tenant_id,
                 queued=len(queue.items) + len(queue.waiting),
                 running=queue.running,
-                deferred=queue.deferred,
+                deferred=self.scheduler.deferred(tenant_id, now),
                 started=queue.started,
                 throttled=queue.throttled,
                 completed=queue.completed,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from gateway.catalog import Catalog, load_catalog
 from gateway.errors import CatalogError
-from gateway.tasks import cancel_and_wait
+from gateway.tasks import Supervisor
 
 __all__ = ["CatalogReloader"]
 
@@ -28,7 +28,9 @@ class CatalogReloader:
         policies_dir: Path,
         apply: Callable[[Catalog], None],
         interval_s: float,
+        supervisor: Supervisor,
     ) -> None:
+        self._supervisor = supervisor
         self._tenants_dir = tenants_dir
         self._policies_dir = policies_dir
         self._apply = apply
@@ -63,12 +65,12 @@ class CatalogReloader:
     async def start(self) -> None:
         """Start polling (an interval of 0 disables it; SIGHUP still reloads)."""
         if self._interval_s > 0 and self._task is None:
-            self._task = asyncio.create_task(self._poll(), name="gateway:catalog-reload")
+            self._task = self._supervisor.spawn(self._poll(), "gateway:catalog-reload")
 
     async def stop(self) -> None:
         """Stop polling; idempotent."""
         task, self._task = self._task, None
-        await cancel_and_wait(task)
+        await self._supervisor.cancel(task)
 
     async def _poll(self) -> None:
         while True:

@@ -6,6 +6,13 @@ time each backlogged tenant's share of starts follows its weight. A tenant that
 becomes active joins at the current virtual time, so its first job is picked at the
 next free slot instead of waiting behind anyone's backlog. A tenant is eligible while
 it runs fewer than its `max_concurrency` jobs and its token bucket has a token.
+
+Overflow past a tenant's buffer is deferred (sent around `jobs.deferred`) and booked
+here, so deferred records come back spread out at the pace the tenant can start them:
+each tenant has a deferral horizon, the time by which everything it has buffered and
+deferred can have started; a new deferral is due one start after the horizon, which
+then moves on. Time alone brings the horizon back, so no replica has to hear that a
+deferred record came back (it may well be read by another replica).
 """
 
 from __future__ import annotations
@@ -17,9 +24,15 @@ from typing import Generic, TypeVar
 
 from gateway.quotas import TokenBucket
 
-__all__ = ["FairScheduler", "TenantLimits", "TenantQueue"]
+__all__ = ["MIN_SLOT_HOLD_S", "FairScheduler", "TenantLimits", "TenantQueue"]
 
 T = TypeVar("T")
+
+# The least time a job holds a slot (flow start and stop): with `max_concurrency` it
+# bounds how fast a tenant can work off its buffer when its rate does not.
+MIN_SLOT_HOLD_S = 0.02
+# The shortest deferral: a record sent around jobs.deferred is read back no sooner.
+_MIN_DEFERRAL_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,9 +62,14 @@ class TenantQueue(Generic[T]):
     started: int = 0
     # Job starts the token bucket held back at least once (rate-limited, not failed).
     throttled: int = 0
-    deferred: int = 0
     completed: int = 0
     rate_blocked: bool = False
+    # The time by which everything buffered and deferred can have started (see above).
+    deferred_until: float = 0.0
+
+    def pace(self) -> float:
+        """Starts per second the tenant can sustain: its rate, unless its slots bind."""
+        return min(self.bucket.rate, self.limits.max_concurrency / MIN_SLOT_HOLD_S)
 
 
 class FairScheduler(Generic[T]):
@@ -159,6 +177,28 @@ class FairScheduler(Generic[T]):
             if q.items and q.running < q.limits.max_concurrency
         ]
         return min(waits) if waits else None
+
+    def book_deferral(self, tenant: str, now: float) -> float:
+        """Book one deferral of `tenant`'s overflow; the seconds until it is due.
+
+        It is due once everything the tenant has buffered, and every deferral booked
+        before it, can have started at the tenant's pace.
+        """
+        queue = self._tenants.get(tenant)
+        if queue is None:
+            return 1.0
+        step = 1.0 / queue.pace()
+        buffered_until = now + (len(queue.items) + len(queue.waiting)) * step
+        queue.deferred_until = max(queue.deferred_until, buffered_until) + step
+        return max(_MIN_DEFERRAL_S, queue.deferred_until - now)
+
+    def deferred(self, tenant: str, now: float) -> int:
+        """About how many of the tenant's records are out in `jobs.deferred` now."""
+        queue = self._tenants.get(tenant)
+        if queue is None or queue.deferred_until <= now:
+            return 0
+        buffered = len(queue.items) + len(queue.waiting)
+        return max(0, round((queue.deferred_until - now) * queue.pace()) - buffered)
 
     def remove(self, predicate: Callable[[T], bool]) -> list[T]:
         """Take every buffered job matching `predicate` out of the buffers."""

@@ -11,7 +11,8 @@ from collections.abc import Awaitable, Callable, Hashable
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from gateway.apiprocess import ApiProcess
+from gateway.admission import Admission
+from gateway.api.supervisor import ApiProcess
 from gateway.catalog import Catalog, load_catalog
 from gateway.collectors import PoolCollector, VaultCollector
 from gateway.control import CancelCommand, ControlListener, PendingCancels
@@ -20,12 +21,16 @@ from gateway.finished import FinishedJobs
 from gateway.flows import JobTypes, load_job_types
 from gateway.history import TerminalHistory
 from gateway.intake import Intake
-from gateway.memory import tune_gc
 from gateway.metrics import Metrics
-from gateway.pools import Entry, Pools
-from gateway.publisher import Publisher
+from gateway.offsets import OffsetTracker
+from gateway.outbox import Outbox
+from gateway.pools import Pools
+from gateway.process import make_undumpable, tune_gc
+from gateway.recorder import Recorder
 from gateway.reload import CatalogReloader
+from gateway.runner import Runner
 from gateway.settings import KafkaSettings, Settings, TopicSettings
+from gateway.tasks import Supervisor
 from gateway.vault import SecretStore, VaultStats
 
 __all__ = ["Gateway", "ReadinessCheck", "ensure_topics", "run_gateway", "tune_gc"]
@@ -37,6 +42,8 @@ log = logging.getLogger("gateway.service")
 _STATUS_CATCH_UP_S = 30.0
 # Bound on one readiness check (GET /readyz).
 _READINESS_CHECK_S = 2.0
+# Running jobs' grace when the replica stops because something failed.
+_FAILED_GRACE_S = 5.0
 
 # A readiness check: None when fine, else a short reason (shown by GET /readyz).
 ReadinessCheck = Callable[[], Awaitable[str | None]]
@@ -59,7 +66,13 @@ async def ensure_topics(kafka: KafkaSettings, topics: TopicSettings) -> None:
 
 
 class Gateway:
-    """All components of one replica; `start()` then `wait()`; `stop()` is idempotent."""
+    """All components of one replica; `start()` then `wait()`; `stop()` is idempotent.
+
+    A job's path, as built here: intake (the consumer) -> admission (parse, hold,
+    deduplicate, defer) -> pools (quotas, fair dispatch) -> runner (the flow) ->
+    recorder (every output record, through the one outbox) -> offsets (the tracker the
+    intake commits from).
+    """
 
     def __init__(
         self, settings: Settings, catalog: Catalog, job_types: JobTypes | None = None
@@ -67,63 +80,104 @@ class Gateway:
         self.settings = settings
         self._catalog = catalog
         self.job_types = job_types or load_job_types(settings.flows)
-        self.history = TerminalHistory(settings.history_size)
-        self.publisher = Publisher(settings.kafka)
-        self.secrets = SecretStore(settings.vault) if settings.vault.configured else None
+        self.supervisor = Supervisor(self._task_failed)
         self.metrics = Metrics()
-        # Finished jobs only (the API process keeps the statuses and results for GET).
-        self.finished = FinishedJobs(settings.kafka, settings.topics.results, self.history)
-        self.pending_cancels = PendingCancels(
-            settings.control.max_pending_cancels, settings.control.cancel_ttl_s
+        self.history = TerminalHistory(settings.history_size)
+        self.tracker = OffsetTracker()
+        self.outbox = Outbox(
+            settings.kafka,
+            self.supervisor,
+            client_id=f"{settings.kafka.client_id}-producer",
+            on_fatal=self.fail,
+        )
+        self.secrets = (
+            SecretStore(settings.vault, supervisor=self.supervisor)
+            if settings.vault.configured
+            else None
+        )
+        self.recorder = Recorder(
+            settings=settings,
+            catalog=self.catalog,
+            outbox=self.outbox,
+            tracker=self.tracker,
+            history=self.history,
+            metrics=self.metrics,
+        )
+        runner = Runner(
+            catalog=self.catalog,
+            job_types=self.job_types,
+            secrets=self.secrets,
+            metrics=self.metrics,
         )
         self.pools = Pools(
             settings=settings,
             catalog=self.catalog,
-            job_types=self.job_types,
-            publisher=self.publisher,
-            finished=self.finished,
-            secrets=self.secrets,
-            metrics=self.metrics,
-            finish=self._finish,
-            fatal=self.fail,
+            runner=runner,
+            recorder=self.recorder,
+            supervisor=self.supervisor,
         )
-        self.intake = Intake(
+        self.pending_cancels = PendingCancels(
+            settings.control.max_pending_cancels, settings.control.cancel_ttl_s
+        )
+        self.admission = Admission(
             settings=settings,
             catalog=self.catalog,
             job_types=self.job_types,
-            publisher=self.publisher,
             pools=self.pools,
+            recorder=self.recorder,
             history=self.history,
-            fatal=self.fail,
             cancels=self.pending_cancels,
+            supervisor=self.supervisor,
+        )
+        self.intake = Intake(
+            settings=settings,
+            tracker=self.tracker,
+            admission=self.admission,
+            recorder=self.recorder,
+            pools=self.pools,
+            supervisor=self.supervisor,
             metrics=self.metrics,
         )
         self.intake.on_assignment(self._update_share)
+        # Finished jobs only (the API process keeps the statuses and results for GET).
+        self.finished = FinishedJobs(
+            settings.kafka, settings.topics.results, self.history, self.supervisor
+        )
+        self.control = ControlListener(
+            settings.kafka,
+            settings.topics.control,
+            settings.control.cancel_ttl_s,
+            self._on_cancel,
+            self.supervisor,
+        )
         self.metrics.add_collector(PoolCollector(self.pools.snapshot, self.intake.lag))
         self.metrics.add_collector(VaultCollector(self._vault_stats))
-        self.control = ControlListener(
-            settings.kafka, settings.topics.control, settings.control.cancel_ttl_s, self._on_cancel
-        )
         # Extra conditions for GET /readyz (e.g. Vault reachable or its cache warm).
         self.readiness_checks: list[ReadinessCheck] = []
         if self.secrets is not None:
             self.readiness_checks.append(self._vault_ready)
         self.api: ApiProcess | None = None
-        if settings.http.enabled:
+        if settings.http.enabled or settings.ops.enabled:
             self.api = ApiProcess(
                 settings,
                 self.catalog,
                 self.job_types,
-                readiness=self.not_ready_reasons,
+                answers={"ready": self.not_ready_reasons, "metrics": self._render_metrics},
                 metrics=self.metrics,
+                supervisor=self.supervisor,
             )
-            self.finished.on_own_result = self.api.forward_result
+            self.recorder.on_result = self.api.forward_result
         self._assigned_once = False
         self.reloader = CatalogReloader(
-            settings.tenants_dir, settings.policies_dir, self.apply_catalog, settings.catalog_poll_s
+            settings.tenants_dir,
+            settings.policies_dir,
+            self.apply_catalog,
+            settings.catalog_poll_s,
+            self.supervisor,
         )
         self._stopped = asyncio.Event()
         self._stopping = False
+        self._failed = False
         self.exit_code = 0
 
     def _vault_stats(self) -> tuple[VaultStats, bool] | None:
@@ -147,11 +201,8 @@ class Gateway:
         if self.api is not None:
             self.api.catalog_changed()
 
-    def _finish(self, entry: Entry) -> None:
-        self.intake.finish_entry(entry)
-
     def _on_cancel(self, command: CancelCommand) -> None:
-        where = self.intake.cancel(command.key)
+        where = self.admission.cancel(command.key)
         log.info(
             "cancel_received",
             extra={"tenant": command.tenant, "job_id": command.job_id, "where": where},
@@ -162,11 +213,23 @@ class Gateway:
         """The port the HTTP API listens on (useful with port 0), or None when disabled."""
         return self.api.port if self.api is not None else None
 
+    @property
+    def ops_port(self) -> int | None:
+        """The port of the operators' listener, or None when disabled."""
+        return self.api.ops_port if self.api is not None else None
+
+    async def _render_metrics(self) -> bytes:
+        return self.metrics.render()
+
     async def not_ready_reasons(self) -> list[str]:
         """Why this replica is not ready to serve (empty when it is)."""
         reasons = []
+        if self.supervisor.failure is not None:
+            reasons.append(f"task failed: {self.supervisor.failure}")
         if self._stopping:
             reasons.append("stopping")
+        if self.intake.fetch_problem is not None:
+            reasons.append(f"fetching fails: {self.intake.fetch_problem}")
         if not self._assigned_once:
             reasons.append("partitions not assigned yet")
         if not self.finished.caught_up.is_set():
@@ -195,6 +258,13 @@ class Gateway:
     def fail(self, exc: BaseException) -> None:
         """A fatal error: stop with a non-zero exit; unfinished work is redelivered."""
         log.error("fatal_error", extra={"error": type(exc).__name__})
+        self._failed = True
+        self.exit_code = 1
+        self.request_stop()
+
+    def _task_failed(self, name: str, why: str) -> None:
+        # Logged by the supervisor (task_failed): one of the replica's loops is gone.
+        self._failed = True
         self.exit_code = 1
         self.request_stop()
 
@@ -211,7 +281,7 @@ class Gateway:
             log.warning("vault_not_configured", extra={"hint": "set GATEWAY_VAULT__TOKEN"})
         if self.settings.kafka.create_topics:
             await ensure_topics(self.settings.kafka, self.settings.topics)
-        await self.publisher.start()
+        await self.outbox.start()
         await self.finished.start()
         await self.control.start()
         if self.api is not None:
@@ -222,6 +292,7 @@ class Gateway:
                 _STATUS_CATCH_UP_S,
             )
         await self.pools.start()
+        await self.admission.start()
         await self.intake.start()
         await self.reloader.start()
         log.info(
@@ -230,6 +301,7 @@ class Gateway:
                 "replica": self.settings.replica,
                 "tenants": len(self._catalog),
                 "http_port": self.http_port,
+                "ops_port": self.ops_port,
             },
         )
 
@@ -237,40 +309,63 @@ class Gateway:
         """Block until a stop is requested."""
         await self._stopped.wait()
 
+    async def _drain_outbox(self) -> None:
+        drain_s = 0.0 if self.outbox.failed else self.settings.kafka.produce_timeout_s
+        if not await self.outbox.drain(drain_s):
+            log.warning("outbox_not_drained")
+
     async def stop(self) -> None:
         """Shutdown order, in one place:
 
         0. stop the HTTP API process (requests under way finish, bounded);
-        1. stop fetching (held retries/deferrals are dropped, not committed);
-        2. stop starting jobs; running ones get `shutdown_grace_s`, then are cancelled
-           (their records stay uncommitted and are redelivered);
-        3. wait for DLQ/deferral publishes and status records already sent;
-        4. commit every finished run and leave the group;
+        1. stop fetching; held retries/deferrals are dropped, not committed;
+        2. stop starting jobs; running ones get `shutdown_grace_s` (at most 5 s after a
+           failure), then are cancelled (their records stay uncommitted, redelivered);
+        3. wait (bounded by the produce timeout) for the outbox: results, retries,
+           deferrals and dead letters already decided;
+        4. commit every finished record and leave the group;
         5. close the cancel listener (it still reached running jobs during the grace),
-           the status view and the producer; stop renewing the Vault token.
+           the finished-jobs reader and the producer; stop renewing the Vault token;
+           end whatever task is left.
         """
         if self._stopping:
             return
         self._stopping = True
         self._stopped.set()
+        grace = self.settings.shutdown_grace_s
+        if self._failed:
+            grace = min(grace, _FAILED_GRACE_S)
+        steps: list[tuple[str, Callable[[], Awaitable[object]]]] = []
         if self.api is not None:
-            await self.api.stop()
-        await self.reloader.stop()
-        await self.intake.stop_fetching()
-        await self.pools.stop(self.settings.shutdown_grace_s)
-        await self.intake.drain_side_tasks(self.settings.kafka.produce_timeout_s)
-        await self.publisher.drain()
-        await self.intake.close()
-        await self.control.stop()
-        await self.finished.stop()
-        await self.publisher.stop()
+            steps.append(("api", self.api.stop))
+        steps += [
+            ("reloader", self.reloader.stop),
+            ("intake", self.intake.stop_fetching),
+            ("admission", self.admission.stop),
+            ("pools", lambda: self.pools.stop(grace)),
+            ("outbox-drain", self._drain_outbox),
+            ("commit", self.intake.close),
+            ("control", self.control.stop),
+            ("finished", self.finished.stop),
+            ("outbox", self.outbox.stop),
+        ]
         if self.secrets is not None:
-            await self.secrets.stop()
+            steps.append(("vault", self.secrets.stop))
+        steps.append(("tasks", self.supervisor.close))
+        for name, step in steps:
+            try:
+                await step()
+            except Exception as exc:  # noqa: BLE001  # one failed step must not skip the rest
+                log.error("stop_step_failed", extra={"step": name, "error": type(exc).__name__})
+                self.exit_code = 1
         log.info("gateway_stopped", extra={"exit_code": self.exit_code})
 
 
 async def run_gateway(settings: Settings) -> int:
     """`gateway run`: start, serve until SIGTERM/SIGINT, stop in order; a 2nd signal exits."""
+    # Before anything holds a secret: the API process (same user) must not be able to
+    # read this process's memory or environment.
+    make_undumpable()
     catalog = load_catalog(settings.tenants_dir, settings.policies_dir)
     gateway = Gateway(settings, catalog)
     loop = asyncio.get_running_loop()

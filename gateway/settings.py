@@ -15,6 +15,7 @@ __all__ = [
     "ControlSettings",
     "HttpSettings",
     "KafkaSettings",
+    "OpsSettings",
     "RetrySettings",
     "Settings",
     "TopicSettings",
@@ -42,8 +43,13 @@ class KafkaSettings(BaseModel):
     rebalance_timeout_ms: int = Field(default=30_000, ge=1_000)
     request_timeout_ms: int = Field(default=30_000, ge=1_000)
     linger_ms: int = Field(default=2, ge=0)
+    # Producer batch size per partition (aiokafka's default is 16 KiB).
+    max_batch_bytes: int = Field(default=262_144, ge=16_384)
     commit_interval_ms: int = Field(default=500, ge=10)
     produce_timeout_s: float = Field(default=30.0, gt=0)
+    # The broker's limit on one record (message.max.bytes): nothing the gateway writes
+    # is larger; a result that would be becomes a `result_too_large` failure.
+    max_request_bytes: int = Field(default=1_048_576, ge=65_536)
     # Topics the gateway creates at start when missing (Tansu and dev clusters need it).
     create_topics: bool = True
     partitions: int = Field(default=4, ge=1)
@@ -121,6 +127,20 @@ class HttpSettings(BaseModel):
     shutdown_timeout_s: float = Field(default=5.0, gt=0)
 
 
+class OpsSettings(BaseModel):
+    """The operators' listener: metrics, health and the admin API (never the tenant port)."""
+
+    model_config = _FROZEN
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=9464, ge=0, le=65535)
+    enabled: bool = True
+    # Bearer token for /admin/v1; without one the admin API is off.
+    token: SecretStr | None = None
+    # Where the CLI's admin commands reach the ops listener.
+    url: str = "http://127.0.0.1:9464"
+
+
 class ControlSettings(BaseModel):
     """Cancel requests from `jobs.control` for jobs this replica does not hold (yet)."""
 
@@ -141,7 +161,7 @@ class RetrySettings(BaseModel):
     factor: float = Field(default=2.0, ge=1)
     cap_s: float = Field(default=300.0, ge=0)
     jitter: float = Field(default=0.5, ge=0, le=1)
-    max_attempts: int = Field(default=5, ge=1)
+    max_attempts: int = Field(default=5, ge=1, le=100)
 
 
 def _default_replica() -> str:
@@ -163,6 +183,7 @@ class Settings(BaseSettings):
     topics: TopicSettings = TopicSettings()
     vault: VaultSettings = VaultSettings()
     http: HttpSettings = HttpSettings()
+    ops: OpsSettings = OpsSettings()
     control: ControlSettings = ControlSettings()
     retry: RetrySettings = RetrySettings()
     tenants_dir: Path = Path("tenants")
@@ -175,7 +196,12 @@ class Settings(BaseSettings):
     max_buffered: int = Field(default=50_000, ge=1)
     max_buffered_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
     shutdown_grace_s: float = Field(default=30.0, ge=0)
-    max_payload_bytes: int = Field(default=1_048_576, ge=1)
+    # A job's value; past it `payload_too_large`. Its copies (retry, deferral) carry
+    # headers too, so the limit in force is at most the record limit less 17.5 KiB.
+    max_payload_bytes: int = Field(default=1_000_000, ge=1)
+    # Upper bound on any delay the gateway books (retry backoff, deferral), and on how
+    # far in the future a record's `not-before` may lie.
+    max_delay_s: float = Field(default=86_400.0, gt=0)
     flows: Annotated[tuple[str, ...], NoDecode] = ()
     replica: str = Field(default_factory=_default_replica)
     log_format: str = Field(default="auto", pattern="^(auto|json|plain)$")

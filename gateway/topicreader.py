@@ -11,7 +11,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from gateway.settings import KafkaSettings
-from gateway.tasks import cancel_and_wait
+from gateway.tasks import Supervisor
 
 __all__ = ["TopicReader"]
 
@@ -36,8 +36,10 @@ class TopicReader:
         handle: Callable[[Batches], None],
         max_records: int,
         logger: logging.Logger,
+        supervisor: Supervisor,
     ) -> None:
         self._settings = settings
+        self._supervisor = supervisor
         self._topics = tuple(topics)
         self._name = name
         self._handle = handle
@@ -68,12 +70,12 @@ class TopicReader:
         ]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
-        self._task = asyncio.create_task(self._run(consumer), name=f"gateway:{self._name}")
+        self._task = self._supervisor.spawn(self._run(consumer), f"gateway:{self._name}")
 
     async def stop(self) -> None:
         """Stop reading; idempotent."""
         task, self._task = self._task, None
-        await cancel_and_wait(task)
+        await self._supervisor.cancel(task)
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             await consumer.stop()
@@ -88,4 +90,10 @@ class TopicReader:
                 continue
             if not batches:
                 self.caught_up.set()
-            self._handle(batches)
+            try:
+                self._handle(batches)
+            except Exception as exc:  # noqa: BLE001  # one bad batch must not stop the view
+                self._log.error(
+                    f"{self._name}_records_skipped",
+                    extra={"error": type(exc).__name__, "records": sum(map(len, batches.values()))},
+                )

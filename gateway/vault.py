@@ -11,6 +11,7 @@ call runs on a small thread pool and is bounded by `timeout_s`.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -33,7 +34,7 @@ from gateway.errors import (
     SecretsUnavailable,
 )
 from gateway.settings import VaultSettings
-from gateway.tasks import cancel_and_wait
+from gateway.tasks import Supervisor
 
 __all__ = [
     "JobSecrets",
@@ -49,7 +50,7 @@ audit = logging.getLogger("gateway.audit")
 
 T = TypeVar("T")
 
-_PATH_SEGMENT = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+_PATH_SEGMENT = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 _REDACTED = "[redacted]"
 # Failures that mean "Vault did not answer properly", not "Vault said no".
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -79,7 +80,7 @@ def tenant_role_name(tenant: str) -> str:
 def tenant_secret_path(tenant: str, path: str) -> str:
     """KV v2 path (below the mount) of a tenant's secret; refuses anything that leaves it."""
     segments = path.split("/")
-    if not path or not all(_PATH_SEGMENT.match(s) and s not in (".", "..") for s in segments):
+    if not path or not all(_PATH_SEGMENT.fullmatch(s) and s not in (".", "..") for s in segments):
         raise SecretForbidden(f"secret path {path!r} is not a path below the tenant's own")
     return f"tenants/{tenant}/{path}"
 
@@ -125,11 +126,18 @@ class _Cached:
 class SecretStore:
     """The gateway's Vault session: its own login, tenant tokens and the secret cache."""
 
-    def __init__(self, settings: VaultSettings, *, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        settings: VaultSettings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        supervisor: Supervisor | None = None,
+    ):
         if settings.token is None and settings.role_id is None:
             raise ConfigError("vault: set GATEWAY_VAULT__TOKEN or ROLE_ID and SECRET_ID")
         self._settings = settings
         self._clock = clock
+        self._supervisor = supervisor if supervisor is not None else Supervisor()
         self._pool = ThreadPoolExecutor(settings.max_workers, thread_name_prefix="vault")
         self._client = self._new_client(
             settings.token.get_secret_value() if settings.token is not None else None
@@ -164,11 +172,11 @@ class SecretStore:
             log.error(  # no traceback: hvac's text is not ours to log
                 "vault_unreachable_at_start", extra={"addr": self._settings.addr}
             )
-        self._renewer = asyncio.create_task(self._keep_alive(), name="gateway:vault-renew")
+        self._renewer = self._supervisor.spawn(self._keep_alive(), "gateway:vault-renew")
 
     async def stop(self) -> None:
         """Stop renewing, revoke nothing (tenant tokens expire on their own), free threads."""
-        await cancel_and_wait(self._renewer)
+        await self._supervisor.cancel(self._renewer)
         self._renewer = None
         self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -522,9 +530,23 @@ def _unpickled_secrets(tenant: str) -> _UnpickledSecrets:
     return _UnpickledSecrets(tenant)
 
 
+def _escaped_forms(secret: str) -> set[str]:
+    """A secret as it may appear inside other text: itself, its `repr` and its JSON
+    string escapes (ASCII-only and not), without the surrounding quotes."""
+    forms = {secret, repr(secret)[1:-1], json.dumps(secret)[1:-1]}
+    forms.add(json.dumps(secret, ensure_ascii=False)[1:-1])
+    forms.add(secret.encode("unicode_escape").decode("ascii"))
+    return {form for form in forms if form}
+
+
 def redact(value: Any, secrets: Iterable[str]) -> Any:
-    """`value` with every occurrence of any of `secrets` replaced, in strings at any depth."""
-    needles = sorted((s for s in secrets if s), key=len, reverse=True)
+    """`value` with every occurrence of any of `secrets`, or of an escaped form of one,
+    replaced, in strings (keys too) at any depth."""
+    forms: set[str] = set()
+    for secret in secrets:
+        if secret:
+            forms |= _escaped_forms(secret)
+    needles = sorted(forms, key=len, reverse=True)
     if not needles:
         return value
 

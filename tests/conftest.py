@@ -120,8 +120,10 @@ def make_settings(bootstrap: str, **overrides: Any) -> Settings:
         "policies_dir": ROOT / "policies",
         "shutdown_grace_s": 5.0,
         # No HTTP API (its own process) unless a test asks: `http={"port": 0}` serves it
-        # on a free port (see Gateway.http_port).
+        # on a free port (see Gateway.http_port), `ops={"port": 0}` the operators'
+        # listener (Gateway.ops_port).
         "http": {"port": 0, "enabled": False},
+        "ops": {"port": 0, "enabled": False},
         "retry": {"base_s": 0.2, "factor": 2.0, "cap_s": 2.0, "jitter": 0.5, "max_attempts": 3},
     }
     values.update(overrides)
@@ -130,7 +132,14 @@ def make_settings(bootstrap: str, **overrides: Any) -> Settings:
 
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that reproduces `settings` in a subprocess (JSON logs, no HTTP)."""
-    return child_env(settings, {"GATEWAY_LOG_FORMAT": "json", "GATEWAY_HTTP__ENABLED": "false"})
+    return child_env(
+        settings,
+        {
+            "GATEWAY_LOG_FORMAT": "json",
+            "GATEWAY_HTTP__ENABLED": "false",
+            "GATEWAY_OPS__ENABLED": "false",
+        },
+    )
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ import re
 import secrets
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -33,15 +34,17 @@ from penguiflow import Headers, Message, Node, NodePolicy
 from pydantic import SecretStr
 from starlette.routing import Route
 
-from gateway.api import ControlApi
-from gateway.apiprocess import Channel, child_environ, child_settings
+from gateway.api.channel import Channel, ChannelError, Denied, LogLine
+from gateway.api.statusview import StatusView
+from gateway.api.supervisor import child_environ, child_settings
+from gateway.api.tenant import TenantApi
 from gateway.catalog import load_catalog
 from gateway.flows import FlowGraph, JobContext, JobTypes, builtin_job_types
 from gateway.observability import JsonFormatter
 from gateway.service import Gateway, ensure_topics
 from gateway.services import Tansu
 from gateway.settings import Settings, VaultSettings
-from gateway.statusview import StatusView
+from gateway.tasks import Supervisor
 
 from conftest import committed_offsets, make_settings, read_topic, wait_for
 
@@ -93,6 +96,7 @@ class Live:
     gateway: Gateway
     http: httpx.AsyncClient
     settings: Settings
+    ops: httpx.AsyncClient
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +123,7 @@ async def live(tansu: Tansu, tenants_dir: Path) -> AsyncIterator[Live]:
         tansu.bootstrap,
         tenants_dir=tenants_dir,
         http={"port": 0, "max_body_bytes": BODY_LIMIT},
+        ops={"port": 0},
         # Retries wait 3 s, long enough to cancel a job while it waits.
         retry={"base_s": 3.0, "factor": 1.0, "cap_s": 3.0, "jitter": 0.0, "max_attempts": 3},
     )
@@ -129,10 +134,13 @@ async def live(tansu: Tansu, tenants_dir: Path) -> AsyncIterator[Live]:
     gateway = Gateway(settings, load_catalog(tenants_dir, settings.policies_dir), types)
     await gateway.start()
     try:
-        async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{gateway.http_port}", timeout=10
-        ) as client:
-            yield Live(gateway, client, settings)
+        async with (
+            httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{gateway.http_port}", timeout=10
+            ) as client,
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.ops_port}", timeout=10) as ops,
+        ):
+            yield Live(gateway, client, settings, ops)
     finally:
         await gateway.stop()
 
@@ -169,7 +177,7 @@ async def wait_status(
 
 
 async def denials(live: Live, tenant: str, action: str) -> float:
-    text = (await live.http.get("/metrics")).text
+    text = (await live.ops.get("/metrics")).text
     pattern = (
         r'^gateway_cross_tenant_denials_total\{action="'
         + action
@@ -633,21 +641,15 @@ async def test_openapi_document_matches_the_routes(live: Live) -> None:
     documented = {
         (path, method.upper()) for path, ops in document["paths"].items() for method in ops
     }
-    app = ControlApi(
+    app = TenantApi(
         settings=live.settings,
         catalog=lambda: load_catalog(live.settings.tenants_dir, live.settings.policies_dir),
         job_types=builtin_job_types(),
         publish=_never,
-        status_view=StatusView(
-            live.settings.kafka,
-            live.settings.topics.status,
-            1,
-            results_topic=live.settings.topics.results,
-            result_cache_bytes=0,
-        ),
+        status_view=StatusView(live.settings, supervisor=Supervisor()),
         readiness=_never,
-        render_metrics=_never,
-        on_denied=lambda tenant, action: None,
+        on_denied=lambda *_: None,
+        supervisor=Supervisor(),
     ).app()
     routes = {
         (route.path.replace("{job_id:job_id}", "{id}"), method)
@@ -663,7 +665,9 @@ async def test_openapi_document_matches_the_routes(live: Live) -> None:
         response = await live.http.request(method, url, headers=auth("acme"), json={"type": "echo"})
         codes = document["paths"][path][method.lower()]["responses"]
         assert str(response.status_code) in codes, (method, path, response.status_code)
-    assert "text/plain" in (await live.http.get("/metrics")).headers["content-type"]
+    assert "text/plain" in (await live.ops.get("/metrics")).headers["content-type"]
+    # Metrics are for operators only: the tenant port does not serve them.
+    assert (await live.http.get("/metrics")).status_code == 404
 
 
 async def test_answers_are_not_held_back_by_delayed_acks(live: Live) -> None:
@@ -738,20 +742,22 @@ async def test_a_finished_job_is_never_terminal_without_its_result(live: Live) -
     pytest.fail("the job did not finish")
 
 
-async def test_the_gateway_reads_only_json_from_the_api_process() -> None:
-    # The API process faces the network; a pickle from it (code, if it were loaded)
-    # closes the channel instead of being unpickled.
+async def test_the_gateway_reads_only_checked_json_from_the_api_process() -> None:
+    # The API process faces the network; a pickle from it (code, if it were loaded) is a
+    # bad frame, never unpickled, and so is a deep or unknown message.
     ours, theirs = socket.socketpair()
-    gateway_end = await Channel.open(ours, send_pickles=True, read_pickles=False)
-    api_end = await Channel.open(theirs, send_pickles=False, read_pickles=True)
+    gateway_end = await Channel.open(ours, "gateway")
+    api_end = await Channel.open(theirs, "api")
     try:
-        api_end.send(("denied", "acme", "get"))
-        assert await gateway_end.receive() == ("denied", "acme", "get")
-        gateway_end.send(("catalog", {"a": b"bytes pickle well"}))
-        assert await api_end.receive() == ("catalog", {"a": b"bytes pickle well"})
-        api_end._send_pickles = True  # a compromised API process
-        api_end.send(("log", {"msg": "x"}))
-        assert await gateway_end.receive() is None
+        api_end.send(Denied("acme", "j1", "get", "127.0.0.1:1"))
+        assert await gateway_end.receive() == Denied("acme", "j1", "get", "127.0.0.1:1")
+        # A log line cannot pose as the audit log, nor set reserved fields.
+        api_end.send(LogLine("gateway.audit", 30, "cross_tenant_denied", {"audit": True, "x": 1}))
+        line = await gateway_end.receive()
+        assert line == LogLine("gateway.api", 30, "cross_tenant_denied", {"x": 1})
+        api_end._writer.write(struct.pack(">I", 3) + pickle.dumps(1)[:3])
+        with pytest.raises(ChannelError):
+            await gateway_end.receive()
         assert gateway_end.closed
     finally:
         await gateway_end.close()

@@ -46,7 +46,7 @@ def test_tier_is_applied_and_overridden(dirs: tuple[Path, Path]) -> None:
     alpha = catalog.get("alpha")
     assert alpha is not None
     assert alpha.quota.max_concurrency == 3  # override
-    assert alpha.quota.rate_per_s == catalog.tiers["pro"].rate_per_s  # from the tier
+    assert alpha.quota.rate_per_s == catalog.tiers["pro"].quota.rate_per_s  # from the tier
     assert catalog.tenant_for_key_hash(hash_api_key("a")) is alpha
 
 

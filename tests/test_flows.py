@@ -8,8 +8,9 @@ from typing import Any
 
 from penguiflow import Headers, Message, Node, NodePolicy
 
-from gateway.flows import FlowGraph, JobContext, JobTypes, builtin_job_types, run_job
+from gateway.flows import FlowGraph, JobContext, JobTypes, builtin_job_types
 from gateway.records import Status
+from gateway.runner import run_job
 
 TYPES = builtin_job_types()
 

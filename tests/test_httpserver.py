@@ -12,9 +12,11 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
+from gateway.api.httpserver import HttpServer
+from gateway.api.supervisor import bind
 from gateway.errors import ConfigError
-from gateway.httpserver import HttpServer, bind
 from gateway.settings import HttpSettings
+from gateway.tasks import Supervisor
 
 
 async def hello(_: Request) -> PlainTextResponse:
@@ -35,7 +37,7 @@ async def test_taken_port_is_a_clear_error() -> None:
 
 async def test_free_port_serves_and_signal_handlers_stay() -> None:
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    server = HttpServer(APP, HttpSettings(port=0))
+    server = HttpServer(APP, HttpSettings(port=0), Supervisor())
     await server.start(bind("127.0.0.1", 0))
     try:
         assert server.port

@@ -37,7 +37,8 @@ def test_installed_versions_match_the_lock() -> None:
 def test_gateway_imports_and_runs_a_flow_in_a_fresh_interpreter() -> None:
     code = (
         "import asyncio, time\n"
-        "from gateway.flows import JobContext, builtin_job_types, run_job\n"
+        "from gateway.flows import JobContext, builtin_job_types\n"
+        "from gateway.runner import run_job\n"
         "import gateway.service, gateway.cli\n"
         "ctx = JobContext('acme', 'j', 'echo', 1, {'ok': True}, time.time() + 5)\n"
         "out = asyncio.run(run_job(ctx, builtin_job_types().get('echo'), cancel=asyncio.Event()))\n"

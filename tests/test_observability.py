@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.catalog import load_catalog
 from gateway.observability import JsonFormatter
 from gateway.service import Gateway
-from gateway.settings import HttpSettings, Settings
+from gateway.settings import HttpSettings, OpsSettings, Settings
 
 from conftest import JobClient, VaultServer, read_topic, wait_for
 
@@ -67,6 +67,7 @@ async def test_metrics_and_logs_of_a_mixed_run(
         update={
             "vault": openbao.gateway_vault,
             "http": HttpSettings(port=0),
+            "ops": OpsSettings(port=0),
             "replica": "replica-under-test",
         }
     )
@@ -95,6 +96,9 @@ async def test_metrics_and_logs_of_a_mixed_run(
             assert denied.status_code == 404
             # A commit after the last result is what the commit histogram needs.
             await wait_for(lambda: gateway.metrics.commit_duration._sum.get() > 0, 10)
+            assert (await http.get("/metrics")).status_code == 404  # not on the tenant port
+        ops = f"http://127.0.0.1:{gateway.ops_port}"
+        async with httpx.AsyncClient(base_url=ops) as http:
             response = await http.get("/metrics")
         assert response.status_code == 200
         text = response.text

@@ -133,7 +133,7 @@ async def test_vault_outage_loses_nothing_and_fails_nothing(
         try:
             await client.job("acme", "warm", "secret_digest", path="app", key="api_key")
             await client.flush()
-            await wait_for(lambda: running.pools.completed >= 1, 30)
+            await wait_for(lambda: running.recorder.completed >= 1, 30)
 
             bao.stop()
             await asyncio.sleep(0.7)  # past the cache TTL: what serves now is stale

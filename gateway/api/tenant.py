@@ -1,14 +1,18 @@
-"""The HTTP control API: tenants submit, inspect and cancel their own jobs (Starlette).
+"""The tenant API: tenants submit, inspect and cancel their own jobs (Starlette).
 
 Every job lookup is keyed by (caller's tenant, job id), so another tenant's job is
-never even read. When the caller's lookup misses, the same fixed work follows for
-every id (one membership test per tenant in the catalog) to learn whether the id
-belongs to someone else; that only decides whether the attempt is audited and
-counted. The answer is one and the same 404 either way (invariant 3).
+never even read. A miss is answered at once with one and the same 404, whoever owns
+the id (invariant 3); whether the id belongs to someone else is found out afterwards,
+off the request path, by a background task that audits and counts the attempt. So the
+two cases cost the request the same work: a lookup and a queue append.
 
-Handlers run in the API process (`gateway.apiprocess`), on its own loop: they read its
-status view and catalog directly, produce through its own producer, and reach the
-gateway process (readiness, metrics, denial counts) through the callables given.
+Submissions are rate limited per tenant (a token bucket per tenant from its quota's
+`submit_rate_per_s` and `submit_burst`; 429 with `Retry-After`).
+
+Handlers run in the API process, on its own loop: they read its status view and the
+catalog, produce through its own outbox, and reach the gateway process (readiness,
+denials) through the callables given. The tenant port serves nothing else: metrics
+and the admin API are on the operators' listener (`gateway.api.ops`).
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -29,26 +35,28 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.audit import audit_cross_tenant
+from gateway.api.common import Readiness, error, health, http_error, invalid, readiness_endpoint
+from gateway.api.openapi import tenant_document
+from gateway.api.statusview import StatusView
 from gateway.catalog import Catalog, Tenant, hash_api_key
-from gateway.envelope import MAX_ID_LENGTH
+from gateway.envelope import DEFAULT_PRIORITY, MAX_ID_LENGTH
 from gateway.errors import ProduceError
-from gateway.metrics import CONTENT_TYPE
-from gateway.openapi import openapi_document
-from gateway.records import TERMINAL, OutRecord, Status, cancel_record, dumps, rfc3339
+from gateway.quotas import TokenBucket
+from gateway.records import TERMINAL, JobStatus, OutRecord, Status, cancel_record, dumps, rfc3339
 from gateway.records import status_record as make_status_record
 from gateway.settings import Settings
-from gateway.statusview import JobStatus, StatusView
+from gateway.tasks import Supervisor
 
-__all__ = ["ControlApi", "JobSubmission"]
+__all__ = ["JobSubmission", "SubmitLimiter", "TenantApi"]
 
 log = logging.getLogger("gateway.api")
 
-Readiness = Callable[[], Awaitable[list[str]]]
-Publish = Callable[[Sequence[OutRecord]], Awaitable[None]]
+Publish = Callable[..., Awaitable[None]]
+# on_denied(caller, job_id, action, source): an attempt on another tenant's job.
+DenialHandler = Callable[[str, str, str, str], None]
 
-# Bound on the readiness checks as a whole; past it the gateway counts as stuck.
-_READINESS_TIMEOUT_S = 5.0
+# 404s waiting to be checked for an owner; past this, the oldest are dropped (counted).
+_MISSES_BOUND = 10_000
 
 
 class JobSubmission(BaseModel):
@@ -56,41 +64,61 @@ class JobSubmission(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
 
-    type: str = Field(min_length=1, max_length=200)
+    type: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
     payload: dict[str, Any] = Field(default_factory=dict)
     id: str | None = Field(default=None, min_length=1, max_length=MAX_ID_LENGTH)
     deadline_s: float | None = Field(default=None, gt=0)
+    priority: int = Field(default=DEFAULT_PRIORITY, ge=0, le=9)
 
-    @field_validator("id")
+    @field_validator("id", "type")
     @classmethod
     def _printable(cls, value: str | None) -> str | None:
         if value is not None and (not value.strip() or not value.isprintable()):
-            raise ValueError("id must be printable and not blank")
+            raise ValueError("must be printable and not blank")
         return value
 
 
-def _error(code: int, error: str, detail: Any, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": error, "detail": detail, **extra}, status_code=code)
-
-
 def _unauthorized() -> JSONResponse:
-    response = _error(401, "unauthorized", "missing or invalid API key")
+    response = error(401, "unauthorized", "missing or invalid API key")
     response.headers["WWW-Authenticate"] = "Bearer"
     return response
 
 
 def _not_found() -> JSONResponse:
     # The one answer for an unknown id and for another tenant's job: same bytes.
-    return _error(404, "not_found", "no such job")
+    return error(404, "not_found", "no such job")
 
 
-class ControlApi:
-    """Request handlers over a status view, a producer and the catalog in force.
+class SubmitLimiter:
+    """A token bucket per tenant on `POST /v1/jobs`, sized from the tenant's quota."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[str, tuple[tuple[float, int], TokenBucket]] = {}
+
+    def wait_s(self, tenant: Tenant, now: float) -> float:
+        """0 and a token taken when the tenant may submit now; else seconds to wait."""
+        limits = (tenant.quota.submit_rate_per_s, tenant.quota.submit_burst)
+        found = self._buckets.get(tenant.id)
+        if found is None:
+            bucket = TokenBucket(limits[0], limits[1], now)
+            self._buckets[tenant.id] = (limits, bucket)
+        else:
+            bucket = found[1]
+            if found[0] != limits:  # the catalog was reloaded with new limits
+                bucket.reconfigure(limits[0], limits[1], now)
+                self._buckets[tenant.id] = (limits, bucket)
+        if bucket.try_take(now):
+            return 0.0
+        return bucket.wait_s(now)
+
+
+class TenantApi:
+    """Request handlers over a status view, an outbox and the catalog in force.
 
     `job_types` are the registered type names; `publish` produces records and returns
     once they are acknowledged (raising ProduceError); `readiness` gives the reasons the
-    gateway is not ready; `render_metrics` the Prometheus text of its registry;
-    `on_denied(tenant, action)` counts one cross-tenant attempt.
+    replica is not ready; `on_denied(caller, job_id, action, source)` reports one
+    attempt on another tenant's job (the gateway audits and counts it).
     """
 
     def __init__(
@@ -102,8 +130,8 @@ class ControlApi:
         publish: Publish,
         status_view: StatusView,
         readiness: Readiness,
-        render_metrics: Callable[[], Awaitable[bytes]],
-        on_denied: Callable[[str, str], None],
+        on_denied: DenialHandler,
+        supervisor: Supervisor,
     ) -> None:
         self._settings = settings
         self._topics = settings.topics
@@ -112,13 +140,30 @@ class ControlApi:
         self._publish = publish
         self._status = status_view
         self._readiness = readiness
-        self._render_metrics = render_metrics
         self._on_denied = on_denied
+        self._supervisor = supervisor
         self._keys_of: tuple[Catalog | None, tuple[tuple[str, Tenant], ...]] = (None, ())
+        self._limiter = SubmitLimiter()
+        self._misses: deque[tuple[str, str, str, str]] = deque(maxlen=_MISSES_BOUND)
+        self._miss_arrived = asyncio.Event()
+        self._auditor: asyncio.Task[None] | None = None
+        # 404s never checked for an owner because the queue was full (a flood of misses).
+        self.misses_dropped = 0
+
+    async def start(self) -> None:
+        """Start the background check of 404s for other tenants' ids."""
+        if self._auditor is None:
+            self._auditor = self._supervisor.spawn(self._audit_misses(), "gateway:api-audit")
+
+    async def stop(self) -> None:
+        """Check what is queued, then stop; idempotent."""
+        self._check_misses()
+        task, self._auditor = self._auditor, None
+        await self._supervisor.cancel(task)
 
     def app(self) -> Starlette:
         """The ASGI application."""
-        document = openapi_document(self._settings, JobSubmission.model_json_schema())
+        document = tenant_document(self._settings, JobSubmission.model_json_schema())
 
         async def openapi(_: Request) -> Response:
             return JSONResponse(document)
@@ -128,12 +173,11 @@ class ControlApi:
                 Route("/v1/jobs", self.submit, methods=["POST"]),
                 Route("/v1/jobs/{job_id:job_id}/cancel", self.cancel, methods=["POST"]),
                 Route("/v1/jobs/{job_id:job_id}", self.get, methods=["GET"]),
-                Route("/healthz", self.healthz, methods=["GET"]),
-                Route("/readyz", self.readyz, methods=["GET"]),
-                Route("/metrics", self.metrics, methods=["GET"]),
+                Route("/healthz", health, methods=["GET"]),
+                Route("/readyz", readiness_endpoint(self._readiness), methods=["GET"]),
                 Route("/openapi.json", openapi, methods=["GET"]),
             ],
-            exception_handlers={HTTPException: _http_error},
+            exception_handlers={HTTPException: http_error},
         )
 
     # -- authentication ------------------------------------------------------
@@ -170,58 +214,74 @@ class ControlApi:
         tenant = self.authenticate(request)
         if tenant is None:
             return _unauthorized()
+        wait_s = self._limiter.wait_s(tenant, time.monotonic())
+        if wait_s > 0:
+            response = error(429, "rate_limited", "too many submissions; retry later")
+            response.headers["Retry-After"] = str(max(1, math.ceil(wait_s)))
+            return response
         body = await self._read_body(request)
         if isinstance(body, Response):
             return body
         try:
             submission = JobSubmission.model_validate_json(body)
         except ValidationError as exc:
-            return _invalid(exc)
+            return invalid(exc)
         allowed = sorted(t for t in tenant.jobs.allowed_types if t in self._types)
         if submission.type not in allowed:
-            return _error(
+            return error(
                 400,
                 "type_not_allowed",
                 f"job type {submission.type!r} is unknown or not allowed for this tenant",
                 allowed_types=allowed,
             )
+        limit = tenant.jobs.max_deadline_s
+        if submission.deadline_s is not None and submission.deadline_s > limit:
+            detail = [{"loc": ["deadline_s"], "msg": f"at most {limit:g}", "type": "less_than"}]
+            return error(422, "invalid_body", detail)
         job_id = submission.id or uuid.uuid4().hex
         known = self._status.get((tenant.id, job_id))
-        if known is not None:
+        if known is not None and known.status is not Status.QUEUED:
             # Same id again (a client retrying): nothing new runs; say where it is.
             return JSONResponse({"id": job_id, "status": known.status.value}, status_code=202)
         job: dict[str, Any] = {"id": job_id, "type": submission.type, "payload": submission.payload}
         if submission.deadline_s is not None:
             job["deadline_s"] = submission.deadline_s
+        if submission.priority != DEFAULT_PRIORITY:
+            job["priority"] = submission.priority
         try:
             value = dumps(job)
         except ValueError:  # NaN or Infinity somewhere in the payload
-            return _error(422, "invalid_body", "payload must be plain JSON (no NaN or Infinity)")
+            return error(422, "invalid_body", "payload must be plain JSON (no NaN or Infinity)")
         if len(value) > self._settings.max_payload_bytes:
-            limit = self._settings.max_payload_bytes
-            return _error(413, "payload_too_large", f"the job is over {limit} bytes")
+            limit_bytes = self._settings.max_payload_bytes
+            return error(413, "payload_too_large", f"the job is over {limit_bytes} bytes")
         now = time.time()
-        queued = make_status_record(
-            self._topics.status,
-            tenant=tenant.id,
-            job_id=job_id,
-            status=Status.QUEUED,
-            attempt=1,
-            at=now,
-        )
         headers = [("tenant", tenant.id.encode()), ("job-id", job_id.encode())]
-        record = OutRecord(self._topics.jobs, job_id.encode(), value, headers)
-        seen = JobStatus(tenant.id, job_id, Status.QUEUED, 1, rfc3339(now))
-
-        try:
+        records: list[OutRecord] = []
+        if known is None:
             # `queued` is acknowledged before the job exists, so no replica can publish
             # `running` ahead of it on the job's status partition.
-            await self._publish([queued])
-            await self._publish([record])
+            records.append(
+                make_status_record(
+                    self._topics.status,
+                    tenant=tenant.id,
+                    job_id=job_id,
+                    status=Status.QUEUED,
+                    attempt=1,
+                    at=now,
+                )
+            )
+        # Still `queued` (known): an earlier submission may have failed after its
+        # status went out, so the job itself is produced again; a copy the intake has
+        # already seen is recognised there as the same job and runs once.
+        job_record = OutRecord(self._topics.jobs, job_id.encode(), value, headers)
+        try:
+            for record in (*records, job_record):
+                await self._publish([record], tenant=tenant.id)
         except ProduceError as exc:
             log.warning("submit_failed", extra={"tenant": tenant.id, "error": exc.code})
-            return _error(503, "unavailable", "the job could not be queued; try again")
-        self._status.observe(seen)
+            return error(503, "unavailable", "the job could not be queued; try again")
+        self._status.observe(JobStatus(tenant.id, job_id, Status.QUEUED, 1, rfc3339(now)))
         log.info("job_submitted", extra={"tenant": tenant.id, "job_id": job_id})
         return JSONResponse({"id": job_id, "status": Status.QUEUED.value}, status_code=202)
 
@@ -260,7 +320,7 @@ class ControlApi:
         if status is None:
             return self._not_found(request, tenant.id, job_id, "cancel")
         if status.status in TERMINAL:
-            return _error(
+            return error(
                 409,
                 "already_terminal",
                 f"the job is already {status.status.value}",
@@ -270,30 +330,43 @@ class ControlApi:
             self._topics.control, tenant=tenant.id, job_id=job_id, at=time.time()
         )
         try:
-            await self._publish([command])
+            await self._publish([command], tenant=tenant.id)
         except ProduceError as exc:
             log.warning("cancel_failed", extra={"tenant": tenant.id, "error": exc.code})
-            return _error(503, "unavailable", "the cancel could not be sent; try again")
+            return error(503, "unavailable", "the cancel could not be sent; try again")
         log.info("cancel_requested", extra={"tenant": tenant.id, "job_id": job_id})
         return JSONResponse(
             {"id": job_id, "status": status.status.value, "cancel": "requested"}, status_code=202
         )
 
+    # -- cross-tenant attempts ---------------------------------------------------
+
     def _not_found(self, request: Request, caller: str, job_id: str, action: str) -> Response:
-        owned_elsewhere = False
-        for tenant_id in self._catalog().tenants:
-            # No early exit: the same lookups for every id, whoever owns it.
-            owned_elsewhere |= tenant_id != caller and self._status.knows((tenant_id, job_id))
-        if owned_elsewhere:
-            client = request.client
-            source = f"{client.host}:{client.port}" if client is not None else "unknown"
-            audit_cross_tenant(tenant=caller, job_id=job_id, action=action, source=source)
-            self._on_denied(caller, action)
+        # Every miss is queued, whoever owns the id: the request does the same work.
+        client = request.client
+        source = f"{client.host}:{client.port}" if client is not None else "unknown"
+        if len(self._misses) == _MISSES_BOUND:
+            self.misses_dropped += 1
+        self._misses.append((caller, job_id, action, source))
+        self._miss_arrived.set()
         return _not_found()
+
+    async def _audit_misses(self) -> None:
+        while True:
+            await self._miss_arrived.wait()
+            self._miss_arrived.clear()
+            self._check_misses()
+
+    def _check_misses(self) -> None:
+        misses = self._misses
+        while misses:
+            caller, job_id, action, source = misses.popleft()
+            if self._status.owners(job_id) - {caller}:
+                self._on_denied(caller, job_id, action, source)
 
     async def _read_body(self, request: Request) -> bytes | Response:
         limit = self._settings.http.max_body_bytes
-        too_large = _error(413, "body_too_large", f"the request body is over {limit} bytes")
+        too_large = error(413, "body_too_large", f"the request body is over {limit} bytes")
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             return too_large
@@ -305,30 +378,6 @@ class ControlApi:
                 return too_large
             chunks.append(chunk)
         return b"".join(chunks)
-
-    # -- operations ------------------------------------------------------------
-
-    async def healthz(self, _: Request) -> Response:
-        """`GET /healthz`: the process is alive and serving."""
-        return JSONResponse({"status": "ok"})
-
-    async def readyz(self, _: Request) -> Response:
-        """`GET /readyz`: 200 once every readiness check passes, else 503 with reasons."""
-        try:
-            reasons = await asyncio.wait_for(self._readiness(), _READINESS_TIMEOUT_S)
-        except TimeoutError:
-            reasons = [f"readiness checks did not answer within {_READINESS_TIMEOUT_S:g}s"]
-        if reasons:
-            return JSONResponse({"ready": False, "reasons": reasons}, status_code=503)
-        return JSONResponse({"ready": True, "reasons": []})
-
-    async def metrics(self, _: Request) -> Response:
-        """`GET /metrics`: the gateway's registry in the Prometheus text format."""
-        try:
-            rendered = await self._render_metrics()
-        except (ConnectionError, TimeoutError):
-            return _error(503, "unavailable", "the gateway process did not answer")
-        return Response(rendered, media_type=CONTENT_TYPE)
 
 
 class _JobIdConvertor(Convertor[str]):
@@ -345,20 +394,3 @@ class _JobIdConvertor(Convertor[str]):
 
 
 register_url_convertor("job_id", _JobIdConvertor())
-
-
-async def _http_error(_: Request, exc: Exception) -> Response:
-    """Starlette's own answers (no such route, method not allowed) in the API's format."""
-    assert isinstance(exc, HTTPException)
-    error = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    response = _error(exc.status_code, error, exc.detail)
-    response.headers.update(exc.headers or {})
-    return response
-
-
-def _invalid(exc: ValidationError) -> JSONResponse:
-    errors = [
-        {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
-        for e in exc.errors(include_url=False, include_input=False, include_context=False)
-    ]
-    return _error(422, "invalid_body", errors)

@@ -1,8 +1,8 @@
 """uvicorn on the running event loop, with the caller owning signals and logging.
 
-The gateway binds the listening socket itself (`bind`: a taken port is a clear error at
-start, and port 0 is known at once) and hands it to the process that serves the API
-(`gateway.apiprocess`), which runs `HttpServer` on its own loop.
+The gateway binds the listening sockets itself (`gateway.api.supervisor.bind`: a taken
+port is a clear error at start, and port 0 is known at once) and hands them to the API
+process, which runs one `HttpServer` per socket on its own loop.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from starlette.types import ASGIApp
 
 from gateway.errors import ConfigError
 from gateway.settings import HttpSettings
+from gateway.tasks import Supervisor
 
-__all__ = ["HttpServer", "bind"]
+__all__ = ["HttpServer"]
 
 log = logging.getLogger("gateway.http")
 
@@ -36,36 +37,23 @@ class _Server(uvicorn.Server):
         yield
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening-ready TCP socket on host:port (port 0: any free port)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # IPPROTO_TCP, not 0: accepted sockets inherit it, and asyncio sets TCP_NODELAY only
-    # on sockets that say they are TCP. Without it every answer (headers, then body in a
-    # second write) waits ~40 ms for the client's delayed ACK.
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(f"HTTP API cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.setblocking(False)
-    return sock
-
-
 async def _serve(server: _Server, sock: socket.socket) -> None:
     try:
         await server.serve(sockets=[sock])
-    except (Exception, SystemExit) as exc:  # uvicorn exits with SystemExit on startup errors
-        log.exception("http_server_failed", extra={"error": type(exc).__name__})
+    except SystemExit as exc:  # uvicorn exits with SystemExit on startup errors
+        raise ConfigError("the HTTP server exited") from exc
 
 
 class HttpServer:
     """Serves an ASGI app on a bound socket from the running loop until `stop()`."""
 
-    def __init__(self, app: ASGIApp, settings: HttpSettings) -> None:
+    def __init__(
+        self, app: ASGIApp, settings: HttpSettings, supervisor: Supervisor, *, name: str = "http"
+    ) -> None:
         self.app = app
         self._settings = settings
+        self._supervisor = supervisor
+        self._name = name
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
         self.port: int | None = None
@@ -92,7 +80,9 @@ class HttpServer:
         )
         server = _Server(config)
         self._server = server
-        self._task = asyncio.create_task(_serve(server, sock), name="gateway-http")
+        # Supervised: a server that stops serving on its own ends the API process, and
+        # the gateway starts a new one.
+        self._task = self._supervisor.spawn(_serve(server, sock), f"gateway:{self._name}")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _STARTUP_TIMEOUT_S
         while not server.started:
@@ -101,7 +91,8 @@ class HttpServer:
                 raise ConfigError("HTTP API did not start")
             await asyncio.sleep(0.01)
         self.port = int(sock.getsockname()[1])
-        log.info("http_started", extra={"host": settings.host, "port": self.port})
+        host = sock.getsockname()[0]
+        log.info(f"{self._name}_started", extra={"host": host, "port": self.port})
 
     async def stop(self) -> None:
         """Stop accepting, let requests under way finish (bounded), close; idempotent."""
@@ -109,6 +100,7 @@ class HttpServer:
         task, self._task = self._task, None
         if server is None or task is None:
             return
+        self._supervisor.release(task)
         server.should_exit = True  # read by the server's own loop every 0.1 s
         done, _ = await asyncio.wait({task}, timeout=self._settings.shutdown_timeout_s + 1.0)
         if not done:
@@ -116,4 +108,4 @@ class HttpServer:
             done, _ = await asyncio.wait({task}, timeout=2.0)
         if not done:
             task.cancel()
-        log.info("http_stopped", extra={"clean": bool(done)})
+        log.info(f"{self._name}_stopped", extra={"clean": bool(done)})

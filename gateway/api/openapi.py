@@ -1,8 +1,9 @@
-"""The OpenAPI 3.1 document of the control API, written by hand to match `gateway.api`.
+"""The OpenAPI 3.1 documents of the tenant API and of the operators' listener, written
+by hand to match `gateway.api.tenant` and `gateway.api.ops`.
 
-The request body schema is passed in from the model that validates it (`JobSubmission`
-in `gateway.api`), so the two cannot drift; tests check that every route is documented and that real
-answers validate against the documented schemas.
+The request body schema is passed in from the model that validates it (`JobSubmission`),
+so the two cannot drift; tests check that every route is documented and that real
+answers validate against the documented schemas (schemathesis runs against both).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 from gateway.records import Status
 from gateway.settings import Settings
 
-__all__ = ["openapi_document"]
+__all__ = ["ops_document", "tenant_document"]
 
 _STATUSES = [s.value for s in Status]
 _TERMINAL = ["succeeded", "failed", "cancelled", "timed_out", "rejected"]
@@ -183,7 +184,70 @@ _SCHEMAS: dict[str, Any] = {
 }
 
 
-def openapi_document(settings: Settings, submission_schema: dict[str, Any]) -> dict[str, Any]:
+_HEALTH_PATHS: dict[str, Any] = {
+    "/healthz": {
+        "get": {
+            "operationId": "health",
+            "summary": "The process is alive.",
+            "responses": {"200": _json("Health", "Alive.")},
+        }
+    },
+    "/readyz": {
+        "get": {
+            "operationId": "ready",
+            "summary": "Ready to serve: partitions assigned, views caught up, secrets reachable.",
+            "responses": {
+                "200": _json("Readiness", "Ready."),
+                "503": _json("Readiness", "Not ready, with the reasons."),
+            },
+        }
+    },
+    "/openapi.json": {
+        "get": {
+            "operationId": "openapi",
+            "summary": "This document.",
+            "responses": {
+                "200": {
+                    "description": "OpenAPI 3.1 document.",
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                }
+            },
+        }
+    },
+}
+
+
+def ops_document(settings: Settings) -> dict[str, Any]:
+    """The document served at `GET /openapi.json` on the operators' listener."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Tenant worker gateway operators' API",
+            "version": "1",
+            "description": "Metrics, health and readiness for operators; never the tenant port.",
+        },
+        "servers": [{"url": f"http://{settings.ops.host}:{settings.ops.port}"}],
+        "components": {"schemas": _SCHEMAS},
+        "paths": {
+            "/metrics": {
+                "get": {
+                    "operationId": "metrics",
+                    "summary": "Prometheus metrics (text exposition format).",
+                    "responses": {
+                        "200": {
+                            "description": "Metrics.",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        },
+                        "503": _json("Error", "The gateway process did not answer."),
+                    },
+                }
+            },
+            **_HEALTH_PATHS,
+        },
+    }
+
+
+def tenant_document(settings: Settings, submission_schema: dict[str, Any]) -> dict[str, Any]:
     """The document served at `GET /openapi.json`, given the request body's JSON Schema."""
     limit = settings.http.max_body_bytes
     submission = dict(submission_schema)
@@ -222,6 +286,15 @@ def openapi_document(settings: Settings, submission_schema: dict[str, Any]) -> d
                             "Error", f"Body over {limit} bytes, or the job over the payload limit."
                         ),
                         "422": _json("ValidationError", "Invalid body."),
+                        "429": {
+                            **_json("Error", "Too many submissions for this tenant; retry."),
+                            "headers": {
+                                "Retry-After": {
+                                    "description": "Seconds to wait.",
+                                    "schema": {"type": "string", "pattern": "^[0-9]+$"},
+                                }
+                            },
+                        },
                         "503": _json("Error", "The broker did not take the job; retry."),
                     },
                 }
@@ -254,48 +327,6 @@ def openapi_document(settings: Settings, submission_schema: dict[str, Any]) -> d
                     },
                 }
             },
-            "/healthz": {
-                "get": {
-                    "operationId": "health",
-                    "summary": "The process is alive.",
-                    "responses": {"200": _json("Health", "Alive.")},
-                }
-            },
-            "/readyz": {
-                "get": {
-                    "operationId": "ready",
-                    "summary": "Ready to serve: partitions assigned, views caught up, "
-                    "secrets reachable.",
-                    "responses": {
-                        "200": _json("Readiness", "Ready."),
-                        "503": _json("Readiness", "Not ready, with the reasons."),
-                    },
-                }
-            },
-            "/metrics": {
-                "get": {
-                    "operationId": "metrics",
-                    "summary": "Prometheus metrics (text exposition format).",
-                    "responses": {
-                        "200": {
-                            "description": "Metrics.",
-                            "content": {"text/plain": {"schema": {"type": "string"}}},
-                        },
-                        "503": _json("Error", "The gateway process did not answer."),
-                    },
-                }
-            },
-            "/openapi.json": {
-                "get": {
-                    "operationId": "openapi",
-                    "summary": "This document.",
-                    "responses": {
-                        "200": {
-                            "description": "OpenAPI 3.1 document.",
-                            "content": {"application/json": {"schema": {"type": "object"}}},
-                        }
-                    },
-                }
-            },
+            **_HEALTH_PATHS,
         },
     }

@@ -1,0 +1,153 @@
+"""Admission: what happens to each consumed record before it may run.
+
+For every record the intake hands over, in order:
+
+1. parse it (`gateway.envelope`, total): a bad record is rejected (DLQ);
+2. a retry or deferral read back before its `not-before` waits in the delay queue
+   (one timer, no polling; it stays uncommitted, so the delay survives a restart);
+3. a job already terminal (history) is a duplicate; one already queued or running here
+   takes the redelivered record along (`followers`); one with a pending cancel is
+   recorded `cancelled` without starting;
+4. otherwise it goes to its tenant's pool, or, when the tenant's buffer is full, is
+   deferred to `jobs.deferred` at the pace the scheduler books.
+
+Admission also answers "where is this job?" for cancel commands.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection, Hashable
+
+from gateway.catalog import Catalog
+from gateway.control import PendingCancels
+from gateway.delays import DelayQueue
+from gateway.entry import Entry
+from gateway.envelope import Rejection, Source, input_limits, parse_record
+from gateway.history import TerminalHistory
+from gateway.offsets import Ticket
+from gateway.pools import Pools
+from gateway.recorder import Recorder
+from gateway.settings import Settings
+from gateway.tasks import Supervisor
+
+__all__ = ["Admission"]
+
+
+class Admission:
+    """Parses, holds, deduplicates and routes each record to the pools (or defers it)."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        catalog: Callable[[], Catalog],
+        job_types: Collection[str],
+        pools: Pools,
+        recorder: Recorder,
+        history: TerminalHistory,
+        cancels: PendingCancels,
+        supervisor: Supervisor,
+    ) -> None:
+        self._settings = settings
+        self._catalog = catalog
+        self._types = job_types
+        self._pools = pools
+        self._recorder = recorder
+        self._history = history
+        self._cancels = cancels
+        self._limits = input_limits(settings)
+        topics = settings.topics
+        self._delayed_topics = frozenset({topics.retry, topics.deferred})
+        self._delays: DelayQueue[Entry] = DelayQueue(self._due, supervisor)
+
+    async def start(self) -> None:
+        """Start the delay queue's timer."""
+        await self._delays.start()
+
+    async def stop(self) -> None:
+        """Stop the timer; held records are dropped (they are uncommitted: redelivered)."""
+        await self._delays.stop()
+
+    @property
+    def held(self) -> int:
+        """Retries and deferrals waiting in memory for their `not-before`."""
+        return len(self._delays)
+
+    def take(self, source: Source, ticket: Ticket, partition: Hashable) -> None:
+        """Handle one consumed record."""
+        now_ms = int(time.time() * 1000)
+        parsed = parse_record(
+            source=source,
+            catalog=self._catalog(),
+            known_types=self._types,
+            limits=self._limits,
+            now_ms=now_ms,
+        )
+        if isinstance(parsed, Rejection):
+            self._recorder.rejected(parsed, ticket)
+            return
+        entry = Entry(job=parsed, ticket=ticket, partition=partition)
+        not_before = parsed.not_before_ms
+        if (
+            not_before is not None
+            and source.topic in self._delayed_topics
+            and not_before > now_ms
+            and parsed.key not in self._cancels
+        ):
+            self._delays.add(not_before, entry)
+            return
+        self._admit(entry)
+
+    def _due(self, entry: Entry) -> None:
+        try:
+            self._admit(entry)
+        except Exception as exc:  # noqa: BLE001  # one record's failure, not the timer's
+            self._recorder.failed(entry.job.source, entry.tickets, exc)
+
+    def _admit(self, entry: Entry) -> None:
+        job = entry.job
+        if self._history.get(job.key) is not None:
+            self._recorder.duplicate(entry)
+            return
+        current = self._pools.find(job.key)
+        if current is not None:
+            # The same job is already queued or running: finish this record with it.
+            current.followers.append(entry.ticket)
+            return
+        if job.key in self._cancels:
+            self._recorder.cancelled([entry], "on_arrival")
+            return
+        # A retry or deferral read back and due is already in memory: it waits for room
+        # in its tenant's buffer, in a line of at most `max_queued`. Sent around
+        # jobs.deferred again it costs a produce, a status record and a read; but a line
+        # without a cap would hold a slow tenant's records, and with them the partitions
+        # other tenants' retries and deferrals share, until it worked them off.
+        may_wait = job.source.topic in self._delayed_topics
+        if not self._pools.submit(entry, may_wait=may_wait):
+            self._recorder.deferred(entry, self._pools.book_deferral(job.tenant))
+
+    def cancel(self, key: tuple[str, str]) -> str:
+        """Cancel a job by (tenant, id) wherever this replica holds it; say where.
+
+        `running`: its flow is being cancelled; `queued` or `delayed` (a retry or
+        deferral waiting for its time): it never starts, `cancelled` is recorded now;
+        `pending`: not held here, so the request is remembered and wins on arrival.
+        The request is remembered in every case, for redeliveries of the same job.
+        """
+        self._cancels.add(key)
+        entry = self._pools.cancel(key)
+        if entry is not None:
+            if entry.task is not None:
+                return "running"
+            self._recorder.cancelled([entry], "queued")
+            return "queued"
+        held = self._delays.remove(lambda e: e.job.key == key)
+        if held:
+            self._recorder.cancelled(held, "delayed")
+            return "delayed"
+        return "pending"
+
+    def revoke(self, partitions: set[Hashable]) -> None:
+        """Forget held records of partitions this replica no longer owns."""
+        self._delays.remove(lambda e: e.partition in partitions)
