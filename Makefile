@@ -13,7 +13,7 @@ PYRALLEL_STAMP := $(PYRALLEL_VENV)/.installed
 # (a pyenv shim on PATH may not run, so each candidate is tried).
 PYTHON312 ?= $(shell for p in python3.12 $$(ls -d $$(pyenv root 2>/dev/null || echo $$HOME/.pyenv)/versions/3.12*/bin/python3.12 2>/dev/null | sort -rV); do $$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && { command -v $$p; break; }; done)
 
-.PHONY: demo test lint typecheck bench bench-quick bench-env clean
+.PHONY: demo test test-fast lint typecheck bench bench-quick bench-env clean
 
 $(STAMP): requirements/runtime.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,10 +59,14 @@ demo: $(DEV_STAMP)
 test: $(DEV_STAMP)
 	$(BIN)/python -m pytest
 
+# The tests that need no broker and no Vault (pure logic, parsing, the API app): ~30 s.
+test-fast: $(DEV_STAMP)
+	$(BIN)/python -m pytest -m "not integration" -q
+
 lint: $(DEV_STAMP)
-	$(BIN)/ruff check gateway tests bench
-	$(BIN)/ruff format --check gateway tests bench
-	$(BIN)/mypy gateway
+	$(BIN)/ruff check gateway tests bench examples
+	$(BIN)/ruff format --check gateway tests bench examples
+	$(BIN)/mypy gateway examples
 
 # Benchmarks print their figures; they are never part of `make test`.
 bench: $(DEV_STAMP) bench-env

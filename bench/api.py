@@ -34,7 +34,7 @@ import psutil
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from bench.common import ROOT, bench_settings, broker
-from gateway.services import free_port
+from gateway.dev.services import free_port
 from gateway.settings import Settings, child_env
 
 KEY = f"bench-{secrets.token_urlsafe(16)}"

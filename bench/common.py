@@ -26,8 +26,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from gateway.dev.services import Tansu, free_port
 from gateway.service import ensure_topics
-from gateway.services import Tansu, free_port
 from gateway.settings import KafkaSettings, Settings, TopicSettings, child_env
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -48,7 +48,7 @@ from bench.common import (
     percentile,
     produce_jobs,
 )
-from gateway.services import Tansu
+from gateway.dev.services import Tansu
 from gateway.settings import Settings
 
 SLEEP_S = 0.005  # noisy neighbour jobs: `sleep` 5 ms for both tenants

@@ -61,11 +61,10 @@ from aiokafka.structs import TopicPartition
 
 from bench.common import ROOT, bench_settings, peak_rss_mb
 from gateway.catalog import Catalog, load_catalog
+from gateway.dev.services import LocalServices, bootstrap_local, local_services
 from gateway.service import Gateway
-from gateway.services import LocalServices, local_services
 from gateway.settings import Settings, VaultSettings
 from gateway.vault import VaultStats
-from gateway.vault_bootstrap import bootstrap_local
 
 SECRET_PATH = "app"  # noqa: S105  # a path name, not a secret
 SECRET_KEY = "api_key"  # noqa: S105  # a key name, not a secret

@@ -151,8 +151,7 @@ def dev() -> None:
 @click.option("--log-dir", type=click.Path(path_type=Path), default=Path(".gateway-run"))
 def dev_up(log_dir: Path) -> None:
     """Start Tansu and OpenBao, print GATEWAY_* exports, stop them on Ctrl-C."""
-    from gateway.services import local_services
-    from gateway.vault_bootstrap import bootstrap_local
+    from gateway.dev.services import bootstrap_local, local_services
 
     settings = _settings()
     stop = threading.Event()
@@ -187,7 +186,7 @@ def dev_up(log_dir: Path) -> None:
 @click.option("--log-dir", type=click.Path(path_type=Path), default=None)
 def demo(duration: float, no_dashboard: bool, log_dir: Path | None) -> None:
     """The whole system on one machine: services, gateway, a mixed workload, a summary."""
-    from gateway.demo import run_demo
+    from gateway.dev.demo import run_demo
 
     settings = _settings()
     directory = log_dir or Path(tempfile.mkdtemp(prefix="gateway-demo-"))

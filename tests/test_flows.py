@@ -149,6 +149,25 @@ async def test_multi_node_flow_keeps_tenant() -> None:
     assert seen == ["acme", "acme"]
 
 
+async def test_a_factory_that_reuses_its_nodes_stays_correct_across_tenants() -> None:
+    # The guard wraps copies: the factory's own nodes are never rewrapped, so a later
+    # job of another tenant does not fail the first tenant's tenant check.
+    async def double(message: Message, _: Any) -> Any:
+        return {"n": message.payload["n"] * 2}
+
+    cached = Node(double, name="double", policy=NodePolicy(validate="none"))
+    original = cached.func
+    types = JobTypes()
+    types.register("cached", lambda _: [(cached, [])])
+    factory = types.get("cached")
+    assert factory is not None
+    for tenant, n in (("acme", 1), ("globex", 2), ("acme", 3), ("globex", 4)):
+        context = JobContext(tenant, f"j{n}", "cached", 1, {"n": n}, time.time() + 5)
+        outcome = await run_job(context, factory, cancel=asyncio.Event())
+        assert (outcome.status, outcome.result) == (Status.SUCCEEDED, {"n": 2 * n}), outcome
+    assert cached.func is original
+
+
 async def test_unserialisable_result_fails() -> None:
     types = JobTypes()
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.intake import _over_bound
 from gateway.quotas import TokenBucket
 from gateway.scheduler import FairScheduler, TenantLimits
 
@@ -211,3 +213,42 @@ def test_raising_the_buffer_size_moves_waiting_jobs_up_at_once() -> None:
     assert queue is not None
     assert (list(queue.items), list(queue.waiting), scheduler.waiting) == ([1, 2], [], 0)
     assert scheduler.push("t", 3)  # a fresh job no longer waits behind anyone
+
+
+def test_deferrals_are_booked_one_start_apart_after_the_buffer() -> None:
+    scheduler: FairScheduler[int] = FairScheduler(10)
+    scheduler.configure("t", TenantLimits(4, 10.0, 1, 2, 1), now=0.0)
+    assert scheduler.push("t", 1)
+    assert scheduler.push("t", 2)
+    # Two buffered at 10/s: the buffer is worked off by 0.2 s; deferrals follow it.
+    delays = [scheduler.book_deferral("t", now=0.0) for _ in range(3)]
+    assert delays == pytest.approx([0.3, 0.4, 0.5])
+    assert scheduler.deferred("t", now=0.0) == 3
+    # Time alone brings the horizon back: nobody needs to report a return.
+    assert scheduler.deferred("t", now=0.45) == 0
+    assert scheduler.book_deferral("t", now=10.0) == pytest.approx(0.3)
+
+
+def test_deferral_pace_is_bound_by_slots_when_the_rate_is_not() -> None:
+    scheduler: FairScheduler[int] = FairScheduler(10)
+    # 1 slot held at least MIN_SLOT_HOLD_S (20 ms): at most 50 starts/s, not 10,000.
+    scheduler.configure("t", TenantLimits(1, 10_000.0, 1, 1, 1), now=0.0)
+    assert scheduler.book_deferral("t", now=0.0) == pytest.approx(0.05)  # the floor
+    for _ in range(49):
+        scheduler.book_deferral("t", now=0.0)
+    assert scheduler.book_deferral("t", now=0.0) == pytest.approx(51 * 0.02)
+
+
+@pytest.mark.parametrize(
+    ("paused", "count", "size", "expected"),
+    [
+        (False, 99, 10, False),
+        (False, 100, 10, True),  # the count reaches the bound
+        (False, 10, 1000, True),  # or the bytes do
+        (True, 81, 10, True),  # once over, it stays over above 80% of either
+        (True, 10, 801, True),
+        (True, 79, 799, False),  # both back under 80%: resume
+    ],
+)
+def test_memory_bound_hysteresis(paused: bool, count: int, size: int, expected: bool) -> None:
+    assert _over_bound(paused, count, size, 100, 1000) is expected

@@ -16,11 +16,11 @@ from penguiflow import Message, Node, NodePolicy
 from pydantic import SecretStr
 
 from gateway.catalog import load_catalog
+from gateway.dev.services import OpenBao, free_port
 from gateway.errors import JobError
 from gateway.flows import FlowGraph, JobContext, builtin_job_types
 from gateway.observability import JsonFormatter
 from gateway.service import Gateway
-from gateway.services import OpenBao, free_port
 from gateway.settings import Settings
 
 from conftest import JobClient, VaultServer, bootstrap_vault, read_topic, results_by_id, wait_for

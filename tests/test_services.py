@@ -9,8 +9,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from gateway.dev.services import OpenBao, Tansu, free_port
 from gateway.errors import ServiceError
-from gateway.services import OpenBao, Tansu, free_port
 
 
 def test_taken_port_is_a_clear_error(tmp_path: Path) -> None:

@@ -159,14 +159,15 @@ async def test_the_tenant_port_serves_no_metrics(api: Any) -> None:
     assert "429" in paths["/v1/jobs"]["post"]["responses"]
 
 
-def test_the_gateway_process_is_not_dumpable() -> None:
+def test_the_gateway_process_is_not_dumpable_and_loads_no_http_or_dev_code() -> None:
     code = (
         "from gateway.process import is_dumpable, make_undumpable\n"
         "assert is_dumpable() is True\n"
         "assert make_undumpable()\n"
         "assert is_dumpable() is False\n"
         "import gateway.service, sys\n"
-        "assert not [m for m in sys.modules if m.startswith(('starlette', 'uvicorn'))]\n"
+        "loaded = [m for m in sys.modules if m.startswith(('starlette', 'uvicorn', 'gateway.dev'))]\n"
+        "assert not loaded, loaded\n"
         "print('ok')\n"
     )
     done = subprocess.run(

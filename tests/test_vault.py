@@ -16,8 +16,8 @@ import pytest
 from pydantic import BaseModel, ConfigDict, SecretStr
 
 from gateway.catalog import load_catalog
+from gateway.dev.services import OpenBao, free_port
 from gateway.errors import SecretForbidden, SecretNotFound, SecretsUnavailable
-from gateway.services import OpenBao, free_port
 from gateway.settings import Settings, VaultSettings
 from gateway.vault import JobSecrets, SecretStore, redact
 from gateway.vault_bootstrap import bootstrap

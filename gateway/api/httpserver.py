@@ -63,8 +63,8 @@ class HttpServer:
         settings = self._settings
         config = uvicorn.Config(
             self.app,
-            # httptools (C parser): h11's pure-Python parsing was most of the ~0.45 ms
-            # of CPU per request.
+            # httptools (C parser): h11's pure-Python parsing would be most of a
+            # request's CPU.
             http="httptools",
             ws="none",
             lifespan="off",

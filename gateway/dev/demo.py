@@ -36,10 +36,9 @@ from rich.live import Live
 from rich.table import Table
 
 from gateway.catalog import Catalog, load_catalog
+from gateway.dev.services import bootstrap_local, local_services
 from gateway.service import Gateway, ensure_topics, tune_gc
-from gateway.services import local_services
 from gateway.settings import Settings
-from gateway.vault_bootstrap import bootstrap_local
 
 __all__ = ["run_demo"]
 

@@ -23,9 +23,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from gateway.errors import ServiceError
+import hvac
+from pydantic import SecretStr
 
-__all__ = ["LocalServices", "OpenBao", "Tansu", "free_port", "local_services"]
+from gateway.catalog import Catalog
+from gateway.errors import ServiceError
+from gateway.settings import Settings
+from gateway.vault_bootstrap import bootstrap
+
+__all__ = [
+    "LocalServices",
+    "OpenBao",
+    "Tansu",
+    "bootstrap_local",
+    "free_port",
+    "local_services",
+]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -261,3 +274,30 @@ def local_services(
         yield services
     finally:
         services.stop()
+
+
+def bootstrap_local(addr: str, admin_token: str, catalog: Catalog, settings: Settings) -> Settings:
+    """Bootstrap a local (dev-mode) Vault with demo secrets; settings that log in by AppRole.
+
+    The gateway then runs with its own narrow policy, never with the admin token.
+    """
+    client = hvac.Client(url=addr, token=admin_token, timeout=10)
+    vault = settings.vault.model_copy(update={"addr": addr})
+    report = bootstrap(
+        client,
+        catalog,
+        settings=vault,
+        policies_dir=settings.policies_dir,
+        seed_demo=True,
+        approle=True,
+    )
+    assert report.approle is not None
+    vault = vault.model_copy(
+        update={
+            "token": None,
+            "role_id": report.approle.role_id,
+            "secret_id": SecretStr(report.approle.secret_id),
+            "enabled": True,
+        }
+    )
+    return settings.model_copy(update={"vault": vault})
