@@ -16,6 +16,7 @@ Admission also answers "where is this job?" for cancel commands.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Collection, Hashable
 
@@ -23,11 +24,12 @@ from gateway.catalog import Catalog
 from gateway.control import PendingCancels
 from gateway.delays import DelayQueue
 from gateway.entry import Entry
-from gateway.envelope import Rejection, Source, input_limits, parse_record
+from gateway.envelope import Job, Rejection, Source, header_value, input_limits, parse_record
 from gateway.history import TerminalHistory
 from gateway.offsets import Ticket
 from gateway.pools import Pools
 from gateway.recorder import Recorder
+from gateway.records import Status
 from gateway.settings import Settings
 from gateway.tasks import Supervisor
 
@@ -57,6 +59,8 @@ class Admission:
         self._history = history
         self._cancels = cancels
         self._limits = input_limits(settings)
+        self._paused_recheck_s = settings.control.paused_recheck_s
+        self._rng = random.Random()  # noqa: S311  # spreads re-deferrals, not a secret
         topics = settings.topics
         self._delayed_topics = frozenset({topics.retry, topics.deferred})
         self._delays: DelayQueue[Entry] = DelayQueue(self._due, supervisor)
@@ -93,7 +97,7 @@ class Admission:
             not_before is not None
             and source.topic in self._delayed_topics
             and not_before > now_ms
-            and parsed.key not in self._cancels
+            and not self._cancels.covers(parsed)
         ):
             self._delays.add(not_before, entry)
             return
@@ -107,7 +111,10 @@ class Admission:
 
     def _admit(self, entry: Entry) -> None:
         job = entry.job
-        if self._history.get(job.key) is not None:
+        ended = self._history.get(job.key)
+        # A job rejected at intake never ran: an operator's redrive (after fixing its
+        # cause) is the one way to give it another chance.
+        if ended is not None and not (ended is Status.REJECTED and _redriven(job)):
             self._recorder.duplicate(entry)
             return
         current = self._pools.find(job.key)
@@ -115,8 +122,11 @@ class Admission:
             # The same job is already queued or running: finish this record with it.
             current.followers.append(entry.ticket)
             return
-        if job.key in self._cancels:
+        if self._cancels.covers(job):
             self._recorder.cancelled([entry], "on_arrival")
+            return
+        if self._pools.paused(job.tenant):
+            self._recorder.deferred(entry, self._paused_delay_s())
             return
         # A retry or deferral read back and due is already in memory: it waits for room
         # in its tenant's buffer, in a line of at most `max_queued`. Sent around
@@ -148,6 +158,48 @@ class Admission:
             return "delayed"
         return "pending"
 
+    def _paused_delay_s(self) -> float:
+        # A paused tenant's jobs go around jobs.deferred until it is resumed; spread,
+        # so a large backlog does not come back in one wave.
+        return self._paused_recheck_s * (0.5 + self._rng.random())
+
+    def pause(self, tenant: str) -> int:
+        """Start none of the tenant's jobs: its buffered ones are deferred (never
+        dead-lettered), running ones finish. Returns how many were deferred."""
+        entries = self._pools.pause(tenant)
+        for entry in entries:
+            self._recorder.deferred(entry, self._paused_delay_s())
+        return len(entries)
+
+    def resume(self, tenant: str) -> None:
+        """Start the tenant's jobs again; its retries and deferrals held here come now."""
+        self._pools.resume(tenant)
+        for entry in self._delays.remove(lambda e: e.job.tenant == tenant):
+            self._due(entry)
+
+    def cancel_all(self, tenant: str, job_type: str | None, requested_at: float) -> int:
+        """Cancel every job of the tenant (of `job_type`) held here, and those whose
+        records were written before `requested_at` when they arrive. Returns how many
+        were held here."""
+        self._cancels.add_bulk(tenant, job_type, requested_at)
+
+        def matches(entry: Entry) -> bool:
+            job = entry.job
+            return job.tenant == tenant and job_type in (None, job.type)
+
+        queued = self._pools.cancel_matching(matches)
+        for entry in queued:
+            self._recorder.cancelled([entry], "queued")
+        held = self._delays.remove(matches)
+        for entry in held:
+            self._recorder.cancelled([entry], "delayed")
+        running = sum(1 for _ in self._pools.running_matching(matches))
+        return len(queued) + len(held) + running
+
     def revoke(self, partitions: set[Hashable]) -> None:
         """Forget held records of partitions this replica no longer owns."""
         self._delays.remove(lambda e: e.partition in partitions)
+
+
+def _redriven(job: Job) -> bool:
+    return bool(header_value(job.source.headers, "redriven-from"))

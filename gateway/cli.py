@@ -1,14 +1,17 @@
-"""The `gateway` command: run, demo, dev up, tenants check/new-key."""
+"""The `gateway` command: run, demo, dev up, tenants, vault bootstrap, and the operators'
+commands (tenants pause/resume/list, jobs cancel, dlq list/redrive) over the admin API."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import signal
 import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -16,6 +19,7 @@ from gateway.catalog import hash_api_key, load_catalog
 from gateway.errors import CatalogError, ConfigError, GatewayError
 from gateway.flows import load_job_types
 from gateway.observability import configure_logging
+from gateway.opsclient import OpsClient, OpsError
 from gateway.settings import Settings, load_settings
 
 __all__ = ["main"]
@@ -91,6 +95,148 @@ def tenants_new_key(tenant: str) -> None:
     key = f"gw_{tenant}_{secrets.token_urlsafe(32)}"
     click.echo(f"api key (shown once): {key}")
     click.echo(f'add to tenants/{tenant}.toml api_keys_sha256: "{hash_api_key(key)}"')
+
+
+def _ops() -> OpsClient:
+    try:
+        return OpsClient(_settings().ops)
+    except OpsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _ask(call: Any) -> Any:
+    try:
+        return call()
+    except OpsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _emit(data: Any, as_json: bool, table: Any) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        table(data)
+
+
+_JSON = click.option("--json", "as_json", is_flag=True, help="print the API's JSON (for scripts)")
+
+
+@tenants.command("list")
+@_JSON
+def tenants_list(as_json: bool) -> None:
+    """Each tenant's state and load (who holds the queue), from the admin API."""
+
+    def table(data: Any) -> None:
+        click.echo(f"replica {data['replica']}")
+        click.echo(
+            f"{'tenant':<20} {'state':<7} {'running':>7} {'queued':>7} {'deferred':>8} "
+            f"{'throttled':>9} {'backlog':>8}"
+        )
+        for row in sorted(data["tenants"], key=lambda r: -int(r.get("backlog", 0))):
+            click.echo(
+                f"{row['tenant']:<20} {row['state']:<7} {row['running']:>7} {row['queued']:>7} "
+                f"{row['deferred']:>8} {row['throttled']:>9} {row.get('backlog', 0):>8}"
+            )
+
+    _emit(_ask(_ops().tenants), as_json, table)
+
+
+@tenants.command("pause")
+@click.argument("tenant")
+@_JSON
+def tenants_pause(tenant: str, as_json: bool) -> None:
+    """Pause a tenant on every replica: it starts nothing new, its jobs wait."""
+    answer = _ask(lambda: _ops().set_state(tenant, "pause"))
+    _emit(answer, as_json, lambda a: click.echo(f"{a['tenant']}: {a['state']}"))
+
+
+@tenants.command("resume")
+@click.argument("tenant")
+@_JSON
+def tenants_resume(tenant: str, as_json: bool) -> None:
+    """Resume a paused tenant on every replica."""
+    answer = _ask(lambda: _ops().set_state(tenant, "resume"))
+    _emit(answer, as_json, lambda a: click.echo(f"{a['tenant']}: {a['state']}"))
+
+
+@main.group()
+def jobs() -> None:
+    """Operate on jobs (through the admin API)."""
+
+
+@jobs.command("cancel")
+@click.option("--tenant", required=True, help="the tenant whose jobs to cancel")
+@click.option("--type", "job_type", default=None, help="only jobs of this type")
+@_JSON
+def jobs_cancel(tenant: str, job_type: str | None, as_json: bool) -> None:
+    """Cancel a tenant's queued, delayed and running jobs (of one type)."""
+    answer = _ask(lambda: _ops().cancel_all(tenant, job_type))
+    _emit(answer, as_json, lambda a: click.echo(f"cancel requested: {a['requested']} jobs"))
+
+
+@main.group()
+def dlq() -> None:
+    """Browse and redrive the dead-letter queue (through the admin API)."""
+
+
+@dlq.command("list")
+@click.option("--tenant", default=None)
+@click.option("--reason", default=None)
+@click.option("--limit", type=click.IntRange(1, 500), default=50, show_default=True)
+@click.option("--cursor", default=None, help="continue from a previous page")
+@_JSON
+def dlq_list(
+    tenant: str | None, reason: str | None, limit: int, cursor: str | None, as_json: bool
+) -> None:
+    """One page of DLQ entries (newest cursor printed at the end)."""
+
+    def table(data: Any) -> None:
+        click.echo(
+            f"{'where':<12} {'tenant':<16} {'job id':<24} {'reason':<22} {'size':>8}  detail"
+        )
+        for entry in data["entries"]:
+            where = f"{entry['partition']}/{entry['offset']}"
+            mark = " (redriven)" if entry.get("redriven") else ""
+            click.echo(
+                f"{where:<12} {entry['tenant'] or '-':<16} {(entry['job_id'] or '-')[:24]:<24} "
+                f"{entry['reason']:<22} {entry['size']:>8}  {entry['detail'][:60]}{mark}"
+            )
+        if data["next_cursor"]:
+            click.echo(f"more: --cursor {data['next_cursor']}")
+
+    _emit(_ask(lambda: _ops().dlq_page(tenant, reason, limit, cursor)), as_json, table)
+
+
+@dlq.command("redrive")
+@click.option("--tenant", default=None)
+@click.option("--reason", default=None)
+@click.option("--id", "ids", multiple=True, help="only these job ids (repeatable)")
+@click.option("--max", "most", type=click.IntRange(1, 100_000), default=100, show_default=True)
+@click.option("--rate", type=float, default=50.0, show_default=True, help="records per second")
+@click.option("--dry-run", is_flag=True, help="count what would go back; send nothing")
+@_JSON
+def dlq_redrive(
+    tenant: str | None,
+    reason: str | None,
+    ids: tuple[str, ...],
+    most: int,
+    rate: float,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Send matching DLQ records back to `jobs`, paced, each at most once."""
+    wanted = {"tenant": tenant, "reason": reason, "ids": list(ids) or None}
+    body: dict[str, Any] = {k: v for k, v in wanted.items() if v is not None}
+    body.update({"max": most, "rate_per_s": rate, "dry_run": dry_run})
+
+    def table(a: Any) -> None:
+        verb = "would redrive" if a["dry_run"] else "redriving"
+        click.echo(
+            f"matched {a['matched']}, {verb} {a['redriven']} "
+            f"(already redriven {a['already_redriven']}, not redrivable {a['not_redrivable']})"
+        )
+
+    _emit(_ask(lambda: _ops().redrive(body)), as_json, table)
 
 
 @main.group()

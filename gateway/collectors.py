@@ -68,6 +68,11 @@ class PoolCollector(Collector):
             "Jobs of the tenant that left their slot (any outcome).",
             labels=["tenant"],
         )
+        paused = GaugeMetricFamily(
+            "gateway_tenant_paused",
+            "1 while the tenant is paused by an operator (it starts no new job).",
+            labels=["tenant"],
+        )
         for figures in self._pools():
             labels = [figures.tenant]
             running.add_metric(labels, figures.running)
@@ -76,7 +81,8 @@ class PoolCollector(Collector):
             throttled.add_metric(labels, figures.throttled)
             started.add_metric(labels, figures.started)
             completed.add_metric(labels, figures.completed)
-        yield from (running, queued, deferred, throttled, started, completed)
+            paused.add_metric(labels, 1.0 if figures.paused else 0.0)
+        yield from (running, queued, deferred, throttled, started, completed, paused)
         lag = GaugeMetricFamily(
             "gateway_consumer_lag",
             "Records of an assigned partition past the committed offset.",

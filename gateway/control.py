@@ -1,8 +1,18 @@
-"""Cancel commands: every replica reads `jobs.control`; the one holding the job acts.
+"""Commands on `jobs.control`: every replica reads the topic and applies what concerns it.
 
-A cancel for a job this replica does not hold (still in a topic, waiting in another
-replica's retry timer, or not read yet) is remembered for `cancel_ttl_s`, so that
-the job is cancelled when it arrives here instead of starting.
+- `cancel` (tenant API): the replica holding the job cancels it; one that does not hold
+  it remembers the request for `cancel_ttl_s`, so the job is cancelled on arrival.
+- `pause` / `resume` (admin API): every replica stops (or resumes) starting the
+  tenant's jobs. These are state, not events: they are applied whatever their age, in
+  order, so a pause survives restarts of every replica.
+- `cancel_all` (admin API): every replica cancels the tenant's jobs (of one type, if
+  given) that it holds, and remembers the request, so jobs whose records were written
+  before it are cancelled when they arrive.
+- `redriven` (admin API): a DLQ record was sent back to `jobs`; read by the API
+  processes so that no record is redriven twice.
+
+Every command names its tenant in the `tenant` header and in the body (they must
+agree); anything else on the topic is ignored.
 """
 
 from __future__ import annotations
@@ -15,32 +25,65 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from gateway.envelope import header_value
+from gateway.envelope import Job, header_value
 from gateway.settings import KafkaSettings
 from gateway.tasks import Supervisor
 from gateway.tenantcache import TenantCache
 from gateway.topicreader import Batches, TopicReader
 
-__all__ = ["CancelCommand", "ControlListener", "PendingCancels", "parse_control"]
+__all__ = [
+    "CancelAllCommand",
+    "CancelCommand",
+    "Command",
+    "ControlListener",
+    "PauseCommand",
+    "PendingCancels",
+    "RedrivenMark",
+    "parse_control",
+]
 
 log = logging.getLogger("gateway.control")
 
 JobKey = tuple[str, str]
-# A cancel command is a few hundred bytes; anything much larger is not one.
+# A command is a few hundred bytes; anything much larger is not one.
 _MAX_COMMAND_BYTES = 64 * 1024
 
 
 class PendingCancels:
-    """Bounded, expiring memory of cancel requests for jobs not held here (yet), fair
-    between tenants: one tenant's cancels never push out another's (`TenantCache`)."""
+    """What to cancel on arrival: single jobs (bounded, expiring, fair between tenants:
+    one tenant's cancels never push out another's) and whole tenants' backlogs (every
+    job of the tenant, or of one type, whose record was written before the request)."""
 
-    def __init__(self, maxsize: int, ttl_s: float) -> None:
+    def __init__(self, maxsize: int, ttl_s: float, *, bulk_ttl_s: float = 86_400.0) -> None:
         self._added: TenantCache[float] = TenantCache(maxsize)
         self._ttl_s = ttl_s
+        self._bulk_ttl_s = bulk_ttl_s
+        # tenant -> {job type or None (every type): requested_at (epoch seconds)}
+        self._bulk: dict[str, dict[str | None, float]] = {}
 
     def add(self, key: JobKey) -> None:
         """Remember a cancel of (tenant, job id)."""
         self._added.put(key, time.monotonic())
+
+    def add_bulk(self, tenant: str, job_type: str | None, requested_at: float) -> None:
+        """Remember a cancel of every job of `tenant` (of `job_type`) written before then."""
+        kinds = self._bulk.setdefault(tenant, {})
+        kinds[job_type] = max(requested_at, kinds.get(job_type, 0.0))
+
+    def covers(self, job: Job) -> bool:
+        """Whether `job` is to be cancelled on arrival."""
+        if job.key in self:
+            return True
+        kinds = self._bulk.get(job.tenant)
+        if not kinds:
+            return False
+        written_at = job.source.timestamp_ms / 1000
+        now = time.time()
+        for kind in (None, job.type):
+            at = kinds.get(kind)
+            if at is not None and written_at <= at and now - at <= self._bulk_ttl_s:
+                return True
+        return False
 
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, tuple) or len(key) != 2:
@@ -59,7 +102,7 @@ class PendingCancels:
 
 @dataclass(frozen=True, slots=True)
 class CancelCommand:
-    """One valid `jobs.control` cancel."""
+    """Cancel one job."""
 
     tenant: str
     job_id: str
@@ -71,28 +114,82 @@ class CancelCommand:
         return (self.tenant, self.job_id)
 
 
+@dataclass(frozen=True, slots=True)
+class PauseCommand:
+    """Pause (or resume) a tenant everywhere."""
+
+    tenant: str
+    paused: bool
+    requested_at: float
+    by: str
+
+
+@dataclass(frozen=True, slots=True)
+class CancelAllCommand:
+    """Cancel every job of a tenant (of one type) written before `requested_at`."""
+
+    tenant: str
+    job_type: str | None
+    requested_at: float
+    by: str
+
+
+@dataclass(frozen=True, slots=True)
+class RedrivenMark:
+    """The DLQ record at (partition, offset) went back to `jobs`."""
+
+    tenant: str
+    partition: int
+    offset: int
+    reason: str
+    requested_at: float
+
+
+Command = CancelCommand | PauseCommand | CancelAllCommand | RedrivenMark
+
+
+def _text(value: Any, limit: int = 200) -> str | None:
+    return value if isinstance(value, str) and 0 < len(value) <= limit else None
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
 def parse_control(
     value: bytes | None, headers: Sequence[tuple[str, bytes | None]], timestamp_ms: int
-) -> CancelCommand | None:
-    """A cancel command, or None for anything else (other ops, tenant header mismatch)."""
+) -> Command | None:
+    """The command a `jobs.control` record carries, or None for anything else."""
     tenants = header_value(headers, "tenant")
-    if len(tenants) != 1 or not tenants[0] or value is None:
-        return None
-    if len(value) > _MAX_COMMAND_BYTES:
+    if len(tenants) != 1 or not tenants[0] or value is None or len(value) > _MAX_COMMAND_BYTES:
         return None
     try:
         header_tenant = tenants[0].decode()
         body = json.loads(value)
     except (ValueError, RecursionError):  # UnicodeDecodeError, JSONDecodeError, deep nesting
         return None
-    if not isinstance(body, dict) or body.get("op") != "cancel":
+    if not isinstance(body, dict) or body.get("tenant") != header_tenant:
         return None
-    job_id, tenant = body.get("id"), body.get("tenant")
-    if not isinstance(job_id, str) or not job_id or not isinstance(tenant, str):
-        return None
-    if tenant != header_tenant:
-        return None
-    return CancelCommand(header_tenant, job_id, _epoch(body.get("requested_at"), timestamp_ms))
+    at = _epoch(body.get("requested_at"), timestamp_ms)
+    by = _text(body.get("by")) or "unknown"
+    op = body.get("op")
+    if op == "cancel":
+        job_id = _text(body.get("id"), 1000)
+        return CancelCommand(header_tenant, job_id, at) if job_id is not None else None
+    if op in ("pause", "resume"):
+        return PauseCommand(header_tenant, op == "pause", at, by)
+    if op == "cancel_all":
+        job_type = body.get("type")
+        if job_type is not None and _text(job_type) is None:
+            return None
+        return CancelAllCommand(header_tenant, job_type, at, by)
+    if op == "redriven":
+        partition, offset = _int(body.get("partition")), _int(body.get("offset"))
+        reason = _text(body.get("reason"), 64) or "unknown"
+        if partition is None or offset is None:
+            return None
+        return RedrivenMark(header_tenant, partition, offset, reason, at)
+    return None
 
 
 def _epoch(stamp: Any, fallback_ms: int) -> float:
@@ -105,10 +202,11 @@ def _epoch(stamp: Any, fallback_ms: int) -> float:
 
 
 class ControlListener:
-    """Reads `jobs.control` from the beginning (no group); recent cancels go to `on_cancel`.
+    """Reads `jobs.control` from the beginning (no group) and hands each command to
+    `on_command`; cancels older than `ttl_s` are skipped (state commands never are).
 
-    Reading from the beginning rather than the end means a cancel published while this
-    replica was starting is not missed; commands older than `ttl_s` are skipped.
+    Reading from the beginning rather than the end means a command published while this
+    replica was starting is not missed, and a pause is in force before the first job.
     """
 
     def __init__(
@@ -116,15 +214,17 @@ class ControlListener:
         settings: KafkaSettings,
         topic: str,
         ttl_s: float,
-        on_cancel: Callable[[CancelCommand], None],
+        on_command: Callable[[Command], None],
         supervisor: Supervisor,
+        *,
+        name: str = "control",
     ) -> None:
         self._ttl_s = ttl_s
-        self._on_cancel = on_cancel
+        self._on_command = on_command
         self._reader = TopicReader(
             settings,
             [topic],
-            name="control",
+            name=name,
             handle=self._apply,
             max_records=1000,
             logger=log,
@@ -152,5 +252,5 @@ class ControlListener:
                         "control_record_ignored",
                         extra={"partition": record.partition, "offset": record.offset},
                     )
-                elif command.requested_at >= oldest:
-                    self._on_cancel(command)
+                elif not isinstance(command, CancelCommand) or command.requested_at >= oldest:
+                    self._on_command(command)

@@ -23,6 +23,7 @@ from aiokafka.structs import OffsetAndMetadata
 from gateway.admission import Admission
 from gateway.collectors import LagFigure
 from gateway.envelope import Source, header_bytes
+from gateway.kafka import stop_consumer
 from gateway.metrics import Metrics
 from gateway.offsets import OffsetTracker
 from gateway.pools import Pools
@@ -152,7 +153,7 @@ class Intake:
             await self.commit()
         finally:
             self._consumer = None
-            await consumer.stop()
+            await stop_consumer(consumer)
 
     # -- fetching ------------------------------------------------------------
 

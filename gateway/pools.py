@@ -41,6 +41,8 @@ class PoolFigures:
     started: int
     throttled: int
     completed: int
+    paused: bool
+    limits: TenantLimits
 
 
 def limits_for(tenant: Tenant, share: float = 1.0) -> TenantLimits:
@@ -83,6 +85,7 @@ class Pools:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._share = 1.0
+        self._paused: set[str] = set()
 
     # -- admission -----------------------------------------------------------
 
@@ -120,13 +123,53 @@ class Pools:
         tenant = self._catalog().get(entry.job.tenant)
         if tenant is None:
             return False
-        if self.scheduler.tenant(tenant.id) is None:
-            self.scheduler.configure(tenant.id, limits_for(tenant, self._share), time.monotonic())
-        if not self.scheduler.push(tenant.id, entry, may_wait=may_wait):
+        self._ensure(tenant)
+        if not self.scheduler.push(
+            tenant.id, entry, may_wait=may_wait, priority=entry.job.priority
+        ):
             return False
         self._by_key[entry.job.key] = entry
         self._wake.set()
         return True
+
+    def _ensure(self, tenant: Tenant) -> None:
+        if self.scheduler.tenant(tenant.id) is None:
+            self.scheduler.configure(tenant.id, limits_for(tenant, self._share), time.monotonic())
+            if tenant.id in self._paused:
+                self.scheduler.pause(tenant.id)
+
+    def pause(self, tenant_id: str) -> list[Entry]:
+        """Start none of the tenant's jobs; its buffered jobs are handed back (to park).
+        Remembered even for a tenant not in the catalog (yet)."""
+        self._paused.add(tenant_id)
+        entries = self.scheduler.pause(tenant_id)
+        for entry in entries:
+            self._by_key.pop(entry.job.key, None)
+        return entries
+
+    def resume(self, tenant_id: str) -> None:
+        """Start the tenant's jobs again."""
+        self._paused.discard(tenant_id)
+        self.scheduler.resume(tenant_id)
+        self._wake.set()
+
+    def paused(self, tenant_id: str) -> bool:
+        """Whether the tenant is paused."""
+        return tenant_id in self._paused
+
+    def cancel_matching(self, predicate: Callable[[Entry], bool]) -> list[Entry]:
+        """Cancel every job held here that matches: buffered ones are returned (the
+        caller records them); running ones are cancelled and record themselves."""
+        entries = [entry for entry in self._by_key.values() if predicate(entry)]
+        return [
+            entry
+            for entry in entries
+            if (cancelled := self.cancel(entry.job.key)) is not None and cancelled.task is None
+        ]
+
+    def running_matching(self, predicate: Callable[[Entry], bool]) -> Iterable[Entry]:
+        """Running jobs that match."""
+        return [entry for entry in self._running if predicate(entry)]
 
     def book_deferral(self, tenant_id: str) -> float:
         """Seconds until an overflowing job of the tenant should come back (see the
@@ -138,6 +181,8 @@ class Pools:
         now = time.monotonic()
         for tenant in catalog:
             self.scheduler.configure(tenant.id, limits_for(tenant, self._share), now)
+            if tenant.id in self._paused and not self.scheduler.paused(tenant.id):
+                self.scheduler.pause(tenant.id)  # nothing buffered yet: a new tenant
         self._wake.set()
 
     def set_share(self, share: float) -> None:
@@ -240,4 +285,6 @@ class Pools:
                 started=queue.started,
                 throttled=queue.throttled,
                 completed=queue.completed,
+                paused=queue.paused,
+                limits=queue.limits,
             )

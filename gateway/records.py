@@ -31,6 +31,7 @@ __all__ = [
     "JobStatus",
     "OutRecord",
     "Status",
+    "admin_record",
     "cancel_record",
     "delayed_record",
     "dlq_record",
@@ -160,6 +161,22 @@ def cancel_record(topic: str, *, tenant: str, job_id: str, at: float) -> OutReco
     """A `jobs.control` cancel command."""
     body = {"op": "cancel", "id": job_id, "tenant": tenant, "requested_at": rfc3339(at)}
     return OutRecord(topic, job_id.encode(), dumps(body), [("tenant", tenant.encode())])
+
+
+def admin_record(
+    topic: str, *, op: str, tenant: str, at: float, by: str, **fields: Any
+) -> OutRecord:
+    """A `jobs.control` command of the admin API (`pause`, `resume`, `cancel_all`,
+    `redriven`), keyed so a compacted topic keeps the latest state of each subject:
+    one pause state per tenant, one mark per redriven DLQ record."""
+    body = {"op": op, "tenant": tenant, "requested_at": rfc3339(at), "by": by, **fields}
+    if op in ("pause", "resume"):
+        key = f"state:{tenant}"
+    elif op == "redriven":
+        key = f"redriven:{fields['partition']}:{fields['offset']}"
+    else:
+        key = f"{op}:{tenant}:{fields.get('type') or '*'}:{body['requested_at']}"
+    return OutRecord(topic, key.encode(), dumps(body), [("tenant", tenant.encode())])
 
 
 def result_record(

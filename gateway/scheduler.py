@@ -5,7 +5,17 @@ the eligible tenant with the smallest pass, which then advances by 1 / weight. O
 time each backlogged tenant's share of starts follows its weight. A tenant that
 becomes active joins at the current virtual time, so its first job is picked at the
 next free slot instead of waiting behind anyone's backlog. A tenant is eligible while
-it runs fewer than its `max_concurrency` jobs and its token bucket has a token.
+it is not paused, runs fewer than its `max_concurrency` jobs and its token bucket has
+a token.
+
+Picking costs O(log n) in the number of tenants, not a scan of all of them: runnable
+tenants (work buffered, a concurrency slot, not paused) sit in a heap by pass; one
+found without a token moves to a timer heap until its next token is due. Entries that
+went stale (the tenant emptied, filled its slots, was paused) are dropped when they
+surface.
+
+Within a tenant, jobs start by `priority` (0-9, higher first), in arrival order within
+a priority; priority never changes the tenant's share against other tenants.
 
 Overflow past a tenant's buffer is deferred (sent around `jobs.deferred`) and booked
 here, so deferred records come back spread out at the pace the tenant can start them:
@@ -17,6 +27,8 @@ deferred record came back (it may well be read by another replica).
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,7 +36,7 @@ from typing import Generic, TypeVar
 
 from gateway.quotas import TokenBucket
 
-__all__ = ["MIN_SLOT_HOLD_S", "FairScheduler", "TenantLimits", "TenantQueue"]
+__all__ = ["MIN_SLOT_HOLD_S", "FairScheduler", "PriorityLine", "TenantLimits", "TenantQueue"]
 
 T = TypeVar("T")
 
@@ -33,6 +45,8 @@ T = TypeVar("T")
 MIN_SLOT_HOLD_S = 0.02
 # The shortest deferral: a record sent around jobs.deferred is read back no sooner.
 _MIN_DEFERRAL_S = 0.05
+_PRIORITIES = 10
+_DEFAULT_PRIORITY = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,17 +60,61 @@ class TenantLimits:
     weight: int
 
 
+class PriorityLine(Generic[T]):
+    """Items by priority (higher first), first in first out within a priority."""
+
+    __slots__ = ("_count", "_lines")
+
+    def __init__(self) -> None:
+        self._lines: list[deque[T]] = [deque() for _ in range(_PRIORITIES)]
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __bool__(self) -> bool:
+        return self._count > 0
+
+    def __iter__(self) -> Iterator[T]:
+        for line in reversed(self._lines):
+            yield from line
+
+    def append(self, item: T, priority: int = _DEFAULT_PRIORITY) -> None:
+        """Add an item behind the others of its priority."""
+        self._lines[min(max(priority, 0), _PRIORITIES - 1)].append(item)
+        self._count += 1
+
+    def popleft(self) -> T:
+        """The first item of the highest priority present."""
+        for line in reversed(self._lines):
+            if line:
+                self._count -= 1
+                return line.popleft()
+        raise IndexError("pop from an empty PriorityLine")
+
+    def remove(self, predicate: Callable[[T], bool], removed: list[T]) -> None:
+        """Move every item matching `predicate` to `removed`."""
+        for index, line in enumerate(self._lines):
+            if not line:
+                continue
+            keep: deque[T] = deque()
+            for item in line:
+                (removed if predicate(item) else keep).append(item)
+            self._count -= len(line) - len(keep)
+            self._lines[index] = keep
+
+
 @dataclass(slots=True)
 class TenantQueue(Generic[T]):
     """One tenant's buffer and counters."""
 
     limits: TenantLimits
     bucket: TokenBucket
-    items: deque[T] = field(default_factory=deque)
+    items: PriorityLine[T] = field(default_factory=PriorityLine)
     # Delayed records already in memory that came due while `items` was full: they move
     # into `items` in order as room frees, instead of bouncing back through the broker.
     # At most `max_queued` of them, so a slow tenant's line cannot hold its partitions.
-    waiting: deque[T] = field(default_factory=deque)
+    waiting: deque[tuple[T, int]] = field(default_factory=deque)
     running: int = 0
     passed: float = 0.0
     started: int = 0
@@ -64,22 +122,32 @@ class TenantQueue(Generic[T]):
     throttled: int = 0
     completed: int = 0
     rate_blocked: bool = False
+    paused: bool = False
     # The time by which everything buffered and deferred can have started (see above).
     deferred_until: float = 0.0
+    # The live heap entry's sequence number (0: none; see FairScheduler).
+    entry: int = 0
 
     def pace(self) -> float:
         """Starts per second the tenant can sustain: its rate, unless its slots bind."""
         return min(self.bucket.rate, self.limits.max_concurrency / MIN_SLOT_HOLD_S)
 
+    def runnable(self) -> bool:
+        """Work buffered, a concurrency slot free, not paused (a token may still lack)."""
+        return bool(self.items) and self.running < self.limits.max_concurrency and not self.paused
+
 
 class FairScheduler(Generic[T]):
-    """Per-tenant FIFO buffers, limits and weighted fair choice of the next job."""
+    """Per-tenant buffers, limits and weighted fair choice of the next job."""
 
     def __init__(self, total_slots: int) -> None:
         self.total_slots = total_slots
         self.running = 0
         self._tenants: dict[str, TenantQueue[T]] = {}
         self._vtime = 0.0
+        self._seq = itertools.count(1)
+        self._ready: list[tuple[float, int, str]] = []  # (pass, entry, tenant)
+        self._timed: list[tuple[float, int, str]] = []  # (token due at, entry, tenant)
 
     def configure(self, tenant: str, limits: TenantLimits, now: float) -> None:
         """Add a tenant or change its limits (hot reload keeps queued work)."""
@@ -91,6 +159,7 @@ class FairScheduler(Generic[T]):
         queue.limits = limits
         queue.bucket.reconfigure(limits.rate_per_s, limits.burst, now)
         self._refill(queue)
+        self._schedule(tenant, queue)
 
     def tenant(self, tenant: str) -> TenantQueue[T] | None:
         """A tenant's queue and counters."""
@@ -109,7 +178,9 @@ class FairScheduler(Generic[T]):
         """Jobs in every tenant's waiting line."""
         return sum(len(q.waiting) for q in self._tenants.values())
 
-    def push(self, tenant: str, item: T, *, may_wait: bool = False) -> bool:
+    def push(
+        self, tenant: str, item: T, *, may_wait: bool = False, priority: int = _DEFAULT_PRIORITY
+    ) -> bool:
         """Buffer a job; False when the tenant's buffer is full (overflow).
 
         With `may_wait`, a job that finds the buffer full joins the tenant's waiting
@@ -119,47 +190,86 @@ class FairScheduler(Generic[T]):
         if queue.waiting or (len(queue.items) >= queue.limits.max_queued and queue.items):
             if not may_wait or len(queue.waiting) >= queue.limits.max_queued:
                 return False
-            queue.waiting.append(item)
+            queue.waiting.append((item, priority))
             return True
         if not queue.items and queue.running == 0:
             # Joining (again): start at the current virtual time, never in the past,
             # so idleness earns no burst of priority and costs no wait.
             queue.passed = max(queue.passed, self._vtime)
-        queue.items.append(item)
+        queue.items.append(item, priority)
+        self._schedule(tenant, queue)
         return True
+
+    def pause(self, tenant: str) -> list[T]:
+        """Start none of the tenant's jobs until `resume`; returns its buffered jobs
+        (waiting line included), taken out so the caller can park them elsewhere."""
+        queue = self._tenants.get(tenant)
+        if queue is None:
+            return []
+        queue.paused = True
+        queue.entry = 0
+        return self._take_all(queue, lambda _: True)
+
+    def resume(self, tenant: str) -> None:
+        """Start the tenant's jobs again."""
+        queue = self._tenants.get(tenant)
+        if queue is not None and queue.paused:
+            queue.paused = False
+            self._schedule(tenant, queue)
+
+    def paused(self, tenant: str) -> bool:
+        """Whether the tenant is paused."""
+        queue = self._tenants.get(tenant)
+        return queue is not None and queue.paused
+
+    def _schedule(self, tenant: str, queue: TenantQueue[T]) -> None:
+        """Give a runnable tenant a heap entry, unless it has a live one already."""
+        if queue.entry or not queue.runnable():
+            return
+        queue.entry = next(self._seq)
+        heapq.heappush(self._ready, (queue.passed, queue.entry, tenant))
 
     def pop(self, now: float) -> tuple[str, T] | None:
         """The next job to start, or None when no tenant is eligible or no slot is free."""
         if self.running >= self.total_slots:
             return None
-        best: TenantQueue[T] | None = None
-        best_id = ""
-        for tenant_id, queue in self._tenants.items():
-            if not queue.items or queue.running >= queue.limits.max_concurrency:
+        timed, ready = self._timed, self._ready
+        while timed and timed[0][0] <= now:
+            _, entry, tenant = heapq.heappop(timed)
+            queue = self._tenants.get(tenant)
+            if queue is not None and queue.entry == entry:
+                heapq.heappush(ready, (queue.passed, entry, tenant))
+        while ready:
+            _, entry, tenant = heapq.heappop(ready)
+            queue = self._tenants.get(tenant)
+            if queue is None or queue.entry != entry:
+                continue  # stale: the tenant has a newer entry, or none
+            if not queue.runnable():
+                queue.entry = 0
                 continue
-            if queue.bucket.available(now) < 1.0:
+            if not queue.bucket.try_take(now):
                 queue.rate_blocked = True
+                heapq.heappush(timed, (now + queue.bucket.wait_s(now), entry, tenant))
                 continue
-            if best is None or queue.passed < best.passed:
-                best, best_id = queue, tenant_id
-        if best is None:
-            return None
-        best.bucket.try_take(now)
-        item = best.items.popleft()
-        self._refill(best)
-        best.running += 1
-        best.started += 1
-        if best.rate_blocked:
-            best.throttled += 1
-            best.rate_blocked = False
-        self.running += 1
-        self._vtime = max(self._vtime, best.passed)
-        best.passed += 1.0 / best.limits.weight
-        return best_id, item
+            queue.entry = 0
+            item = queue.items.popleft()
+            self._refill(queue)
+            queue.running += 1
+            queue.started += 1
+            if queue.rate_blocked:
+                queue.throttled += 1
+                queue.rate_blocked = False
+            self.running += 1
+            self._vtime = max(self._vtime, queue.passed)
+            queue.passed += 1.0 / queue.limits.weight
+            self._schedule(tenant, queue)
+            return tenant, item
+        return None
 
     def _refill(self, queue: TenantQueue[T]) -> None:
         while queue.waiting and len(queue.items) < queue.limits.max_queued:
-            queue.items.append(queue.waiting.popleft())
+            item, priority = queue.waiting.popleft()
+            queue.items.append(item, priority)
 
     def release(self, tenant: str) -> None:
         """A job of `tenant` finished; its slot is free."""
@@ -167,16 +277,19 @@ class FairScheduler(Generic[T]):
         if queue is not None and queue.running > 0:
             queue.running -= 1
             queue.completed += 1
+            self._schedule(tenant, queue)
         self.running = max(0, self.running - 1)
 
     def next_wakeup_s(self, now: float) -> float | None:
         """Seconds until a rate-limited tenant with work gets a token, if any is waiting."""
-        waits = [
-            q.bucket.wait_s(now)
-            for q in self._tenants.values()
-            if q.items and q.running < q.limits.max_concurrency
-        ]
-        return min(waits) if waits else None
+        timed = self._timed
+        while timed:
+            due, entry, tenant = timed[0]
+            queue = self._tenants.get(tenant)
+            if queue is not None and queue.entry == entry:
+                return max(0.0, due - now)
+            heapq.heappop(timed)  # stale
+        return None
 
     def book_deferral(self, tenant: str, now: float) -> float:
         """Book one deferral of `tenant`'s overflow; the seconds until it is due.
@@ -204,14 +317,20 @@ class FairScheduler(Generic[T]):
         """Take every buffered job matching `predicate` out of the buffers."""
         removed: list[T] = []
         for queue in self._tenants.values():
-            queue.items = _without(queue.items, predicate, removed)
-            queue.waiting = _without(queue.waiting, predicate, removed)
-            self._refill(queue)
+            removed += self._take_all(queue, predicate)
         return removed
 
-
-def _without(items: deque[T], predicate: Callable[[T], bool], removed: list[T]) -> deque[T]:
-    keep: deque[T] = deque()
-    for item in items:
-        (removed if predicate(item) else keep).append(item)
-    return keep
+    def _take_all(self, queue: TenantQueue[T], predicate: Callable[[T], bool]) -> list[T]:
+        removed: list[T] = []
+        queue.items.remove(predicate, removed)
+        kept: deque[tuple[T, int]] = deque()
+        for item, priority in queue.waiting:
+            if predicate(item):
+                removed.append(item)
+            else:
+                kept.append((item, priority))
+        queue.waiting = kept
+        self._refill(queue)
+        if not queue.runnable():
+            queue.entry = 0  # its heap entry, if any, is stale now
+        return removed

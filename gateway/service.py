@@ -15,7 +15,14 @@ from gateway.admission import Admission
 from gateway.api.supervisor import ApiProcess
 from gateway.catalog import Catalog, load_catalog
 from gateway.collectors import PoolCollector, VaultCollector
-from gateway.control import CancelCommand, ControlListener, PendingCancels
+from gateway.control import (
+    CancelAllCommand,
+    CancelCommand,
+    Command,
+    ControlListener,
+    PauseCommand,
+    PendingCancels,
+)
 from gateway.errors import GatewayError
 from gateway.finished import FinishedJobs
 from gateway.flows import JobTypes, load_job_types
@@ -147,7 +154,7 @@ class Gateway:
             settings.kafka,
             settings.topics.control,
             settings.control.cancel_ttl_s,
-            self._on_cancel,
+            self._on_command,
             self.supervisor,
         )
         self.metrics.add_collector(PoolCollector(self.pools.snapshot, self.intake.lag))
@@ -162,7 +169,11 @@ class Gateway:
                 settings,
                 self.catalog,
                 self.job_types,
-                answers={"ready": self.not_ready_reasons, "metrics": self._render_metrics},
+                answers={
+                    "ready": self.not_ready_reasons,
+                    "metrics": self._render_metrics,
+                    "tenants": self.tenant_figures,
+                },
                 metrics=self.metrics,
                 supervisor=self.supervisor,
             )
@@ -201,12 +212,63 @@ class Gateway:
         if self.api is not None:
             self.api.catalog_changed()
 
-    def _on_cancel(self, command: CancelCommand) -> None:
-        where = self.admission.cancel(command.key)
-        log.info(
-            "cancel_received",
-            extra={"tenant": command.tenant, "job_id": command.job_id, "where": where},
-        )
+    def _on_command(self, command: Command) -> None:
+        if isinstance(command, CancelCommand):
+            where = self.admission.cancel(command.key)
+            log.info(
+                "cancel_received",
+                extra={"tenant": command.tenant, "job_id": command.job_id, "where": where},
+            )
+        elif isinstance(command, PauseCommand):
+            if command.paused:
+                parked = self.admission.pause(command.tenant)
+                log.warning(
+                    "tenant_paused",
+                    extra={"tenant": command.tenant, "by": command.by, "deferred": parked},
+                )
+            else:
+                self.admission.resume(command.tenant)
+                log.warning("tenant_resumed", extra={"tenant": command.tenant, "by": command.by})
+        elif isinstance(command, CancelAllCommand):
+            held = self.admission.cancel_all(command.tenant, command.job_type, command.requested_at)
+            log.warning(
+                "tenant_jobs_cancelled",
+                extra={
+                    "tenant": command.tenant,
+                    "type": command.job_type,
+                    "by": command.by,
+                    "held_here": held,
+                },
+            )
+
+    async def tenant_figures(self) -> list[dict[str, object]]:
+        """Per tenant of the catalog, as this replica sees it (the admin API's view)."""
+        pools = {figures.tenant: figures for figures in self.pools.snapshot()}
+        rows: list[dict[str, object]] = []
+        for tenant in self._catalog:
+            figures = pools.get(tenant.id)
+            quota = tenant.quota
+            queued = figures.queued if figures else 0
+            deferred = figures.deferred if figures else 0
+            rows.append(
+                {
+                    "tenant": tenant.id,
+                    "state": "paused" if self.pools.paused(tenant.id) else "active",
+                    "quota": {
+                        "max_concurrency": quota.max_concurrency,
+                        "rate_per_s": quota.rate_per_s,
+                        "burst": quota.burst,
+                        "max_queued": quota.max_queued,
+                        "weight": quota.weight,
+                    },
+                    "running": figures.running if figures else 0,
+                    "queued": queued,
+                    "deferred": deferred,
+                    "throttled": figures.throttled if figures else 0,
+                    "backlog": queued + deferred,
+                }
+            )
+        return rows
 
     @property
     def http_port(self) -> int | None:

@@ -142,7 +142,8 @@ class OpsSettings(BaseModel):
 
 
 class ControlSettings(BaseModel):
-    """Cancel requests from `jobs.control` for jobs this replica does not hold (yet)."""
+    """Commands from `jobs.control`: cancels for jobs this replica does not hold (yet),
+    and paused tenants."""
 
     model_config = _FROZEN
 
@@ -150,6 +151,8 @@ class ControlSettings(BaseModel):
     # arrives (from jobs, jobs.retry or jobs.deferred); older control records are ignored.
     cancel_ttl_s: float = Field(default=600.0, gt=0)
     max_pending_cancels: int = Field(default=100_000, ge=1)
+    # A paused tenant's jobs go around jobs.deferred about this often until it resumes.
+    paused_recheck_s: float = Field(default=15.0, gt=0)
 
 
 class RetrySettings(BaseModel):

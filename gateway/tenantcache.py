@@ -98,6 +98,11 @@ class TenantCache(Generic[V]):
             raise RuntimeError("TenantCache built without index_ids")
         return frozenset(self._owners.get(job_id, ()))
 
+    def values_of(self, tenant: str) -> list[V]:
+        """One tenant's values, least recently used first."""
+        shelf = self._shelves.get(tenant)
+        return [value for value, _ in shelf.entries.values()] if shelf is not None else []
+
     def tenants(self) -> Iterator[str]:
         """Tenants holding at least one entry."""
         return iter(self._shelves)

@@ -10,6 +10,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from gateway.kafka import stop_consumer
 from gateway.settings import KafkaSettings
 from gateway.tasks import Supervisor
 
@@ -78,7 +79,7 @@ class TopicReader:
         await self._supervisor.cancel(task)
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
-            await consumer.stop()
+            await stop_consumer(consumer)
 
     async def _run(self, consumer: AIOKafkaConsumer) -> None:
         while True:

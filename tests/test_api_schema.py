@@ -28,6 +28,8 @@ from conftest import GatewayProcess, make_settings
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 AUTH = {"Authorization": "Bearer demo-key-acme"}  # the shipped example tenant's key
+OPS_TOKEN = "schema-test-operator-token"
+OPS_AUTH = {"Authorization": f"Bearer {OPS_TOKEN}"}
 
 
 @pytest.fixture(scope="module")
@@ -37,20 +39,32 @@ def api_schema(
     made = make_settings(tansu.bootstrap)
     asyncio.run(ensure_topics(made.kafka, made.topics))
     log_path: Path = tmp_path_factory.mktemp("schema") / "gateway.log"
-    process = GatewayProcess(made, log_path, GATEWAY_HTTP__ENABLED="true", GATEWAY_HTTP__PORT="0")
+    process = GatewayProcess(
+        made,
+        log_path,
+        GATEWAY_HTTP__ENABLED="true",
+        GATEWAY_HTTP__PORT="0",
+        GATEWAY_OPS__ENABLED="true",
+        GATEWAY_OPS__PORT="0",
+        GATEWAY_OPS__TOKEN=OPS_TOKEN,
+    )
     process.start()
     try:
-        port = _wait_ready(process)
-        yield schemathesis.openapi.from_url(f"http://127.0.0.1:{port}/openapi.json")
+        port = _wait_ready(process, "http_started")
+        ops_port = _wait_ready(process, "ops_started")
+        yield (
+            schemathesis.openapi.from_url(f"http://127.0.0.1:{port}/openapi.json"),
+            schemathesis.openapi.from_url(f"http://127.0.0.1:{ops_port}/openapi.json"),
+        )
     finally:
         process.kill()
 
 
-def _wait_ready(process: GatewayProcess) -> int:
+def _wait_ready(process: GatewayProcess, event: str) -> int:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         port = next(
-            (int(x["port"]) for x in process.log_lines() if x.get("event") == "http_started"),
+            (int(x["port"]) for x in process.log_lines() if x.get("event") == event),
             None,
         )
         if port is not None:
@@ -63,13 +77,18 @@ def _wait_ready(process: GatewayProcess) -> int:
     pytest.fail("gateway not ready")
 
 
-def _exercise(operation: Any, mode: schemathesis.GenerationMode) -> int:
+def _exercise(
+    operation: Any,
+    mode: schemathesis.GenerationMode,
+    headers: dict[str, str] = AUTH,
+    examples: int = 40,
+) -> int:
     """One Hypothesis run of generated cases for one operation; returns how many ran."""
     calls = 0
 
     @given(case=operation.as_strategy(mode))
     @settings(
-        max_examples=40,
+        max_examples=examples,
         derandomize=True,
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
@@ -78,17 +97,18 @@ def _exercise(operation: Any, mode: schemathesis.GenerationMode) -> int:
         nonlocal calls
         # Every check but one: a schema-valid job type can still be unknown or not in
         # the tenant's allowed types, and the contract answers that with 400.
-        case.call_and_validate(headers=AUTH, excluded_checks=[positive_data_acceptance])
+        case.call_and_validate(headers=headers, excluded_checks=[positive_data_acceptance])
         calls += 1
 
     conforms()
     return calls
 
 
-def test_answers_conform_to_the_document(api_schema: schemathesis.BaseSchema) -> None:
+def test_answers_conform_to_the_document(api_schema: Any) -> None:
     # schemathesis's own pytest plugin does not run under pytest 9 (it reads a private
     # attribute pytest dropped); its strategies do, one Hypothesis run per operation.
-    operations = [result.ok() for result in api_schema.get_all_operations()]
+    tenant_schema, _ = api_schema
+    operations = [result.ok() for result in tenant_schema.get_all_operations()]
     jobs = {"POST /v1/jobs", "GET /v1/jobs/{id}", "POST /v1/jobs/{id}/cancel"}
     assert {op.label for op in operations} >= jobs
     calls = {}
@@ -101,3 +121,23 @@ def test_answers_conform_to_the_document(api_schema: schemathesis.BaseSchema) ->
     # Not vacuous: every operation was called, the job operations many times each way.
     assert all(calls.values())
     assert min(n for label, n in calls.items() if "/v1/" in label) >= 20
+
+
+def test_operator_answers_conform_to_their_document(api_schema: Any) -> None:
+    _, ops_schema = api_schema
+    operations = [result.ok() for result in ops_schema.get_all_operations()]
+    admin = {op.label for op in operations if "/admin/" in op.label}
+    assert {"POST /admin/v1/dlq/redrive", "GET /admin/v1/tenants"} <= admin
+    calls = {}
+    for operation in operations:
+        # Fewer examples: each DLQ call reads the whole (small) DLQ topic.
+        calls[operation.label] = _exercise(
+            operation, schemathesis.GenerationMode.POSITIVE, OPS_AUTH, examples=15
+        )
+        if operation.label in admin:
+            negative = _exercise(
+                operation, schemathesis.GenerationMode.NEGATIVE, OPS_AUTH, examples=15
+            )
+            calls[f"{operation.label} (invalid)"] = negative
+    print(calls)
+    assert all(calls.values())

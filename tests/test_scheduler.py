@@ -171,7 +171,7 @@ def test_removing_from_the_buffer_moves_waiting_jobs_up() -> None:
     assert scheduler.remove(lambda item: item == 1) == [1]
     queue = scheduler.tenant("t")
     assert queue is not None
-    assert (list(queue.items), list(queue.waiting), scheduler.waiting) == ([2, 3], [4], 1)
+    assert (list(queue.items), [i for i, _ in queue.waiting], scheduler.waiting) == ([2, 3], [4], 1)
 
 
 def test_throttled_counts_starts_the_bucket_held_back() -> None:
@@ -211,7 +211,7 @@ def test_raising_the_buffer_size_moves_waiting_jobs_up_at_once() -> None:
     scheduler.configure("t", limits(max_queued=5), 0.0)
     queue = scheduler.tenant("t")
     assert queue is not None
-    assert (list(queue.items), list(queue.waiting), scheduler.waiting) == ([1, 2], [], 0)
+    assert (list(queue.items), [i for i, _ in queue.waiting], scheduler.waiting) == ([1, 2], [], 0)
     assert scheduler.push("t", 3)  # a fresh job no longer waits behind anyone
 
 
@@ -252,3 +252,97 @@ def test_deferral_pace_is_bound_by_slots_when_the_rate_is_not() -> None:
 )
 def test_memory_bound_hysteresis(paused: bool, count: int, size: int, expected: bool) -> None:
     assert _over_bound(paused, count, size, 100, 1000) is expected
+
+
+def test_higher_priority_starts_first_within_a_tenant_only() -> None:
+    scheduler: FairScheduler[str] = FairScheduler(total_slots=1)
+    scheduler.configure("busy", limits(), 0.0)
+    scheduler.configure("other", limits(), 0.0)
+    for n in range(1000):
+        scheduler.push("busy", f"b{n}", priority=5)
+    scheduler.push("busy", "urgent", priority=9)
+    scheduler.push("other", "o1", priority=0)
+    first = scheduler.pop(0.0)
+    assert first is not None
+    scheduler.release(first[0])
+    second = scheduler.pop(0.0)
+    assert second is not None
+    # The urgent job jumps its own tenant's line, not the other tenant's turn.
+    assert {first[1], second[1]} == {"urgent", "o1"}
+
+
+def test_a_paused_tenant_starts_nothing_and_hands_back_its_buffer() -> None:
+    scheduler: FairScheduler[int] = FairScheduler(total_slots=10)
+    scheduler.configure("p", limits(max_queued=2), 0.0)
+    scheduler.configure("q", limits(), 0.0)
+    for item in (1, 2):
+        scheduler.push("p", item)
+    scheduler.push("p", 3, may_wait=True)
+    scheduler.push("q", 10)
+    assert sorted(scheduler.pause("p")) == [1, 2, 3]
+    assert scheduler.paused("p")
+    scheduler.push("p", 4)
+    assert scheduler.pop(0.0) == ("q", 10)
+    assert scheduler.pop(0.0) is None
+    scheduler.resume("p")
+    assert scheduler.pop(0.0) == ("p", 4)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["push", "pop", "release", "pause", "resume", "tick", "limits"]),
+            st.integers(min_value=0, max_value=3),
+            st.integers(min_value=0, max_value=9),
+        ),
+        max_size=250,
+    )
+)
+def test_property_the_heap_picks_the_smallest_pass_among_eligible_tenants(
+    ops: list[tuple[str, int, int]],
+) -> None:
+    scheduler: FairScheduler[int] = FairScheduler(total_slots=4)
+    names = [f"t{i}" for i in range(4)]
+    for index, name in enumerate(names):
+        scheduler.configure(
+            name, limits(max_concurrency=2, rate_per_s=5.0 + index, burst=2, weight=index + 1), 0.0
+        )
+    now = 0.0
+    running: list[str] = []
+    for op, who, value in ops:
+        name = names[who]
+        queue = scheduler.tenant(name)
+        assert queue is not None
+        if op == "push":
+            scheduler.push(name, value, priority=value)
+        elif op == "release" and name in running:
+            running.remove(name)
+            scheduler.release(name)
+        elif op == "pause":
+            scheduler.pause(name)
+        elif op == "resume":
+            scheduler.resume(name)
+        elif op == "tick":
+            now += value / 10
+        elif op == "limits":
+            scheduler.configure(
+                name, limits(max_concurrency=1 + value % 3, weight=1 + value % 4), now
+            )
+        elif op == "pop":
+            eligible = {
+                n: q.passed
+                for n, q in scheduler.tenants()
+                if q.items
+                and not q.paused
+                and q.running < q.limits.max_concurrency
+                and q.bucket.available(now) >= 1.0
+            }
+            picked = scheduler.pop(now)
+            if not eligible or len(running) >= 4:
+                assert picked is None
+                continue
+            assert picked is not None
+            assert eligible[picked[0]] == min(eligible.values())
+            running.append(picked[0])
+        assert scheduler.running == len(running)

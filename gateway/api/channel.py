@@ -35,9 +35,11 @@ from gateway.settings import Settings
 
 __all__ = [
     "ACTIONS",
+    "ADMIN_ACTIONS",
     "CALLS",
     "MAX_FRAME_FROM_API",
     "MAX_FRAME_TO_API",
+    "AdminDone",
     "Call",
     "CatalogChanged",
     "Channel",
@@ -64,9 +66,11 @@ MAX_FRAME_TO_API = 256 * 1024 * 1024
 _MAX_BUFFERED_BYTES = 8 * 1024 * 1024
 _CALL_TIMEOUT_S = 10.0
 
-# What the API process may ask the gateway, and the actions a denial can name.
+# What the API process may ask the gateway, the actions a denial can name, and the
+# admin actions it reports for the audit log.
 CALLS = ("ready", "metrics", "tenants")
 ACTIONS = ("get", "cancel")
+ADMIN_ACTIONS = ("pause", "resume", "cancel_all", "redrive", "redrive_dry_run")
 
 # Loggers the API process's lines may come out under; anything else becomes the first.
 _API_LOGGERS = frozenset(
@@ -168,6 +172,17 @@ class Denied:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminDone:
+    """An operator's action through the admin API, for the gateway's audit log."""
+
+    action: str
+    by: str
+    tenant: str
+    count: int
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
 class Call:
     """A question for the gateway (`op` in CALLS); answered by a `Reply`."""
 
@@ -175,7 +190,7 @@ class Call:
     op: str
 
 
-FromApi = Started | LogLine | Denied | Call
+FromApi = Started | LogLine | Denied | AdminDone | Call
 
 
 def encode_from_api(message: FromApi) -> bytes:
@@ -187,6 +202,8 @@ def encode_from_api(message: FromApi) -> bytes:
         wire = ["log", message.logger, message.level, message.event, message.fields]
     elif isinstance(message, Denied):
         wire = ["denied", message.tenant, message.job_id, message.action, message.source]
+    elif isinstance(message, AdminDone):
+        wire = ["admin", message.action, message.by, message.tenant, message.count, message.detail]
     else:
         wire = ["call", message.call_id, message.op]
     return json.dumps(wire, separators=(",", ":"), default=str).encode()
@@ -236,6 +253,11 @@ def decode_from_api(data: bytes) -> FromApi:
         if action not in ACTIONS:
             raise ChannelError("unknown action")
         return Denied(tenant, job_id, action, source)
+    if tag == "admin" and len(args) == 5:
+        action, by, tenant, count, detail = args
+        if action not in ADMIN_ACTIONS or not isinstance(count, int) or isinstance(count, bool):
+            raise ChannelError("bad admin action")
+        return AdminDone(action, _text(by, 64), _text(tenant, 64), count, _text(detail, 512))
     if tag == "call" and len(args) == 2:
         call_id, op = args
         if not isinstance(call_id, int) or isinstance(call_id, bool) or op not in CALLS:
@@ -283,7 +305,7 @@ class Channel:
         if self._side == "gateway":
             data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         else:
-            assert isinstance(message, Started | LogLine | Denied | Call)
+            assert isinstance(message, Started | LogLine | Denied | AdminDone | Call)
             data = encode_from_api(message)
         self._writer.write(_HEADER.pack(len(data)) + data)
 

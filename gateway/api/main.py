@@ -25,7 +25,11 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
+from gateway.api.admin import AdminApi
 from gateway.api.channel import (
+    AdminDone,
     CatalogChanged,
     Channel,
     Denied,
@@ -35,8 +39,9 @@ from gateway.api.channel import (
     Started,
     Stop,
 )
+from gateway.api.dlq import DlqBrowser, DlqIndex
 from gateway.api.httpserver import HttpServer
-from gateway.api.ops import OpsApi
+from gateway.api.ops import DlqCollector, OpsApi
 from gateway.api.statusview import StatusView
 from gateway.api.tenant import TenantApi
 from gateway.observability import configure_logging
@@ -146,10 +151,31 @@ async def _serve(tenant_fd: int, ops_fd: int, channel_fd: int) -> int:
         on_denied=denied,
         supervisor=supervisor,
     )
+    registry = CollectorRegistry(auto_describe=True)
+    dlq_index = DlqIndex(settings, supervisor)
+    registry.register(DlqCollector(dlq_index))
+    dlq = DlqBrowser(settings, dlq_index, outbox.send)
+
+    def admin_done(action: str, by: str, tenant: str, count: int, detail: str) -> None:
+        channel.send(AdminDone(action, by, tenant, count, detail))
+
+    admin = AdminApi(
+        settings=settings,
+        catalog=lambda: current["catalog"],
+        tenant_figures=lambda: channel.call("tenants"),
+        send=outbox.send,
+        status_view=status_view,
+        dlq_index=dlq_index,
+        dlq=dlq,
+        on_action=admin_done,
+        registry=registry,
+    )
     ops_api = OpsApi(
         settings=settings,
         readiness=readiness,
         render_metrics=_Coalesced(lambda: channel.call("metrics")),
+        registry=registry,
+        admin=admin,
     )
     servers: list[tuple[HttpServer, int]] = []
     if tenant_fd >= 0:
@@ -175,6 +201,8 @@ async def _serve(tenant_fd: int, ops_fd: int, channel_fd: int) -> int:
         await outbox.start()
         await status_view.start()
         await tenant_api.start()
+        if ops_fd >= 0:
+            await dlq_index.start()
         # Serve only once jobs.status has been read (bounded): connections that waited
         # in the backlog through a restart must not be told a job does not exist.
         await first_of(_CATCH_UP_S, status_view.caught_up.wait(), stop.wait())
@@ -191,6 +219,8 @@ async def _serve(tenant_fd: int, ops_fd: int, channel_fd: int) -> int:
         for server, _ in servers:
             await server.stop()
         await tenant_api.stop()
+        await dlq.stop()
+        await dlq_index.stop()
         await status_view.stop()
         await outbox.stop()
         await supervisor.close()

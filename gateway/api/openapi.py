@@ -217,17 +217,228 @@ _HEALTH_PATHS: dict[str, Any] = {
 }
 
 
-def ops_document(settings: Settings) -> dict[str, Any]:
-    """The document served at `GET /openapi.json` on the operators' listener."""
+_ADMIN_SCHEMAS: dict[str, Any] = {
+    "TenantRow": {
+        "type": "object",
+        "required": ["tenant", "state", "quota", "running", "queued", "deferred", "throttled"],
+        "properties": {
+            "tenant": {"type": "string"},
+            "state": {"enum": ["active", "paused"]},
+            "quota": {"type": "object"},
+            "running": {"type": "integer"},
+            "queued": {"type": "integer"},
+            "deferred": {"type": "integer"},
+            "throttled": {"type": "integer"},
+            "backlog": {"type": "integer"},
+        },
+    },
+    "Tenants": {
+        "type": "object",
+        "required": ["replica", "tenants"],
+        "properties": {
+            "replica": {"type": "string"},
+            "tenants": {"type": "array", "items": _ref("TenantRow")},
+        },
+    },
+    "TenantState": {
+        "type": "object",
+        "required": ["tenant", "state"],
+        "properties": {"tenant": {"type": "string"}, "state": {"enum": ["active", "paused"]}},
+    },
+    "CancelAll": {
+        "type": "object",
+        "required": ["tenant"],
+        "additionalProperties": False,
+        "properties": {
+            "tenant": {"type": "string", "minLength": 1, "maxLength": 63},
+            "type": {"type": ["string", "null"], "minLength": 1, "maxLength": 200},
+        },
+    },
+    "CancelAllAccepted": {
+        "type": "object",
+        "required": ["requested"],
+        "properties": {"requested": {"type": "integer", "minimum": 0}},
+    },
+    "DlqEntry": {
+        "type": "object",
+        "required": ["partition", "offset", "reason", "detail", "source", "size", "time"],
+        "properties": {
+            "partition": {"type": "integer"},
+            "offset": {"type": "integer"},
+            "tenant": {"type": ["string", "null"]},
+            "job_id": {"type": ["string", "null"]},
+            "reason": {"type": "string"},
+            "detail": {"type": "string"},
+            "source": {"type": "object"},
+            "size": {"type": "integer"},
+            "time": {"type": "string"},
+            "preview": {"type": "string", "description": "The value, cut at 1 KiB."},
+            "truncated": {"type": "boolean"},
+            "redriven": {"type": "boolean"},
+        },
+    },
+    "DlqPage": {
+        "type": "object",
+        "required": ["entries", "next_cursor"],
+        "properties": {
+            "entries": {"type": "array", "items": _ref("DlqEntry")},
+            "next_cursor": {"type": ["string", "null"]},
+        },
+    },
+    "Redrive": {
+        "type": "object",
+        "required": ["max"],
+        "additionalProperties": False,
+        "properties": {
+            "tenant": {"type": ["string", "null"], "minLength": 1, "maxLength": 63},
+            "reason": {"type": ["string", "null"], "minLength": 1, "maxLength": 64},
+            "ids": {
+                "type": ["array", "null"],
+                "items": {"type": "string", "minLength": 1, "maxLength": 200},
+                "maxItems": 10000,
+            },
+            "max": {"type": "integer", "minimum": 1, "maximum": 100000},
+            "rate_per_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 10000},
+            "dry_run": {"type": "boolean"},
+        },
+    },
+    "RedriveAccepted": {
+        "type": "object",
+        "required": ["matched", "redriven", "already_redriven", "not_redrivable", "dry_run"],
+        "properties": {
+            "matched": {"type": "integer"},
+            "redriven": {"type": "integer"},
+            "already_redriven": {"type": "integer"},
+            "not_redrivable": {"type": "integer"},
+            "dry_run": {"type": "boolean"},
+        },
+    },
+}
+
+_OPERATOR = {
+    **_json("Error", "Missing or invalid operator token."),
+    "headers": {"WWW-Authenticate": {"schema": {"type": "string", "const": "Bearer"}}},
+}
+_TENANT_PARAM = {
+    "name": "tenant",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "minLength": 1},
+}
+_NO_TENANT = _json("Error", "No such tenant in the catalog.")
+_UNSENT = _json("Error", "The broker did not take the command; retry.")
+
+
+def _admin_paths() -> dict[str, Any]:
+    secured: list[dict[str, list[str]]] = [{"operator": []}]
+
+    def state(op: str) -> dict[str, Any]:
+        return {
+            "post": {
+                "operationId": f"{op}Tenant",
+                "summary": f"{op.capitalize()} a tenant on every replica.",
+                "security": secured,
+                "parameters": [_TENANT_PARAM],
+                "responses": {
+                    "202": _json("TenantState", "Sent to jobs.control."),
+                    "401": _OPERATOR,
+                    "404": _NO_TENANT,
+                    "503": _UNSENT,
+                },
+            }
+        }
+
+    return {
+        "/admin/v1/tenants": {
+            "get": {
+                "operationId": "listTenants",
+                "summary": "Each tenant's state, quota and load on this replica.",
+                "security": secured,
+                "responses": {
+                    "200": _json("Tenants", "Tenants."),
+                    "401": _OPERATOR,
+                    "503": _json("Error", "The gateway process did not answer."),
+                },
+            }
+        },
+        "/admin/v1/tenants/{tenant}/pause": state("pause"),
+        "/admin/v1/tenants/{tenant}/resume": state("resume"),
+        "/admin/v1/jobs/cancel": {
+            "post": {
+                "operationId": "cancelTenantJobs",
+                "summary": "Cancel a tenant's queued, delayed and running jobs (of a type).",
+                "security": secured,
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("CancelAll")}},
+                },
+                "responses": {
+                    "202": _json("CancelAllAccepted", "Sent to jobs.control."),
+                    "401": _OPERATOR,
+                    "404": _NO_TENANT,
+                    "422": _json("ValidationError", "Invalid body."),
+                    "503": _UNSENT,
+                },
+            }
+        },
+        "/admin/v1/dlq": {
+            "get": {
+                "operationId": "listDlq",
+                "summary": "DLQ entries matching a filter, a page at a time.",
+                "security": secured,
+                "parameters": [
+                    {"name": "tenant", "in": "query", "schema": {"type": "string"}},
+                    {"name": "reason", "in": "query", "schema": {"type": "string"}},
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 500},
+                    },
+                    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                ],
+                "responses": {
+                    "200": _json("DlqPage", "A page of entries and the next page's cursor."),
+                    "400": _json("Error", "Bad limit or cursor."),
+                    "401": _OPERATOR,
+                },
+            }
+        },
+        "/admin/v1/dlq/redrive": {
+            "post": {
+                "operationId": "redriveDlq",
+                "summary": "Send matching DLQ records back to jobs, paced, each at most once.",
+                "security": secured,
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("Redrive")}},
+                },
+                "responses": {
+                    "202": _json("RedriveAccepted", "Started (or counted, for a dry run)."),
+                    "401": _OPERATOR,
+                    "422": _json("ValidationError", "Invalid body."),
+                },
+            }
+        },
+    }
+
+
+def ops_document(settings: Settings, *, admin: bool) -> dict[str, Any]:
+    """The document served at `GET /openapi.json` on the operators' listener (the admin
+    paths only when an operator token is configured)."""
+    components: dict[str, Any] = {"schemas": {**_SCHEMAS, **_ADMIN_SCHEMAS}}
+    if admin:
+        components["securitySchemes"] = {"operator": {"type": "http", "scheme": "bearer"}}
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "Tenant worker gateway operators' API",
             "version": "1",
-            "description": "Metrics, health and readiness for operators; never the tenant port.",
+            "description": "Metrics, health, readiness and the admin API for operators; "
+            "never the tenant port. Admin calls need `Authorization: Bearer "
+            "<GATEWAY_OPS__TOKEN>`.",
         },
         "servers": [{"url": f"http://{settings.ops.host}:{settings.ops.port}"}],
-        "components": {"schemas": _SCHEMAS},
+        "components": components,
         "paths": {
             "/metrics": {
                 "get": {
@@ -243,6 +454,7 @@ def ops_document(settings: Settings) -> dict[str, Any]:
                 }
             },
             **_HEALTH_PATHS,
+            **(_admin_paths() if admin else {}),
         },
     }
 

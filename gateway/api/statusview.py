@@ -50,6 +50,10 @@ class StatusView:
         """Latest status of (tenant, job id), if seen."""
         return self._latest.get(key)
 
+    def unfinished(self, tenant: str) -> int:
+        """How many of the tenant's jobs this view knows that are not terminal."""
+        return sum(1 for s in self._latest.values_of(tenant) if s.status not in TERMINAL)
+
     def owners(self, job_id: str) -> frozenset[str]:
         """The tenants with a job of this id (for auditing cross-tenant attempts)."""
         return self._latest.owners(job_id)

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
 from gateway.api.channel import (
+    AdminDone,
     Call,
     CatalogChanged,
     Channel,
@@ -39,7 +40,7 @@ from gateway.api.channel import (
     Started,
     Stop,
 )
-from gateway.audit import audit_cross_tenant
+from gateway.audit import audit_admin, audit_cross_tenant
 from gateway.catalog import Catalog
 from gateway.envelope import valid_id
 from gateway.errors import ConfigError
@@ -211,6 +212,14 @@ class ApiProcess:
                     _write_line(message)
                 elif isinstance(message, Denied):
                     self._denied(message)
+                elif isinstance(message, AdminDone):
+                    audit_admin(
+                        action=message.action,
+                        by=message.by,
+                        tenant=message.tenant,
+                        count=message.count,
+                        detail=message.detail,
+                    )
                 elif isinstance(message, Call):
                     self._answer(channel, message)
                 elif isinstance(message, Started):

@@ -9,7 +9,9 @@ The scenario, in about `duration` seconds plus the drain:
 - poison records landing in the DLQ;
 - each tenant's secret injected (digests compared with what Vault holds);
 - a cross-tenant fetch blocked (answered exactly like an unknown id, and counted);
-- a running job cancelled through the API.
+- a running job cancelled through the API;
+- the noisy tenant paused by an operator (it starts nothing) and resumed;
+- jobs dead-lettered for a tenant that did not exist yet, redriven once it does.
 
 The run exits 0 only when every step happened and every job reached a result.
 """
@@ -20,6 +22,8 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import secrets
+import shutil
 import time
 import urllib.error
 import urllib.request
@@ -31,6 +35,7 @@ from typing import Any
 
 import hvac
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from pydantic import SecretStr
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -54,7 +59,16 @@ STEPS = (
     "secrets injected",
     "cross-tenant fetch blocked",
     "running job cancelled",
+    "tenant paused and resumed",
+    "DLQ redriven",
 )
+LATE_TENANT = "umbrella"
+_LATE_TENANT_FILE = """# Added by the demo while it runs (its earlier jobs are redriven).
+id = "umbrella"
+tier = "free"
+[jobs]
+allowed_types = ["echo"]
+"""
 # The steady tenants' p99 during the flood must stay under this (and under the noisy
 # tenant's median): generous, as the demo shares two cores with Tansu and OpenBao.
 _STEADY_P99_LIMIT_MS = 1000.0
@@ -98,6 +112,7 @@ class _Board:
     during_flood_ms: list[float] = field(default_factory=list)
     flood_ids: set[str] = field(default_factory=set)
     cancel_id: str | None = None
+    late_ids: set[str] = field(default_factory=set)
 
     def flood_outstanding(self) -> bool:
         return any(job_id in self.sent_at for job_id in self.flood_ids)
@@ -173,6 +188,8 @@ class _Driver:
         await self.producer.send(
             self.topic, b'{"id":"x","type":"echo"}', headers=[("tenant", b"nobody")]
         )
+        for _ in range(3):  # for a tenant added later: dead-lettered now, redriven then
+            board.late_ids.add(await self.job(LATE_TENANT, "echo", {"late": True}, "late"))
         noisy = catalog.get(NOISY)
         rate = noisy.quota.rate_per_s if noisy is not None else 10.0
         burst = noisy.quota.burst if noisy is not None else 20
@@ -231,6 +248,45 @@ def _http(method: str, url: str, key: str, body: dict[str, Any] | None = None) -
             return response.status, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()
+
+
+def _admin(method: str, url: str, token: str, body: dict[str, Any] | None = None) -> Any:
+    status, raw = _http(method, url, token, body)
+    return status, json.loads(raw) if raw else None
+
+
+async def _operator_scenario(
+    board: _Board, gateway: Gateway, ops: str, token: str, tenants_dir: Path
+) -> None:
+    """An operator pauses the noisy tenant and resumes it, then redrives the DLQ records
+    of a tenant that has been added to the catalog meanwhile."""
+    call = asyncio.to_thread
+    paused = board.steps["tenant paused and resumed"]
+    queue = gateway.pools.scheduler.tenant(NOISY)
+    status, _ = await call(_admin, "POST", f"{ops}/admin/v1/tenants/{NOISY}/pause", token)
+    await asyncio.sleep(1.0)  # every replica has it within a fetch; running jobs finish
+    before = queue.started if queue is not None else 0
+    await asyncio.sleep(2.0)
+    during = (queue.started if queue is not None else 0) - before
+    resumed, _ = await call(_admin, "POST", f"{ops}/admin/v1/tenants/{NOISY}/resume", token)
+    await asyncio.sleep(1.5)
+    after = (queue.started if queue is not None else 0) - before - during
+    paused.ok = status == resumed == 202 and during == 0 and after > 0
+    paused.detail = f"{NOISY} paused: {during} starts in 2 s; resumed: {after} starts in 1.5 s"
+
+    redrive = board.steps["DLQ redriven"]
+    (tenants_dir / f"{LATE_TENANT}.toml").write_text(_LATE_TENANT_FILE)
+    for _ in range(100):  # the catalog reloads without a restart
+        if gateway.catalog().get(LATE_TENANT) is not None:
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(1.0)  # the API process gets the new catalog too
+    body = {"tenant": LATE_TENANT, "reason": "unknown_tenant", "max": 100, "rate_per_s": 10}
+    status, answer = await call(_admin, "POST", f"{ops}/admin/v1/dlq/redrive", token, body)
+    count = answer.get("redriven", 0) if isinstance(answer, dict) else 0
+    redrive.detail = f"redrive answered {status}: {count} records back to jobs"
+    if status != 202 or count != len(board.late_ids):
+        redrive.ok = False
 
 
 async def _api_scenario(board: _Board, gateway: Gateway, base: str) -> None:
@@ -347,6 +403,13 @@ def _judge(board: _Board, gateway: Gateway) -> None:
         f"{board.digests['wrong']} wrong"
     )
 
+    redrive = steps["DLQ redriven"]
+    if redrive.ok is None:
+        late = [board.results.get(job_id) for job_id in board.late_ids]
+        done = [b for b in late if b is not None and b["status"] == "succeeded"]
+        redrive.ok = bool(late) and len(done) == len(late)
+        redrive.detail += f"; {len(done)}/{len(late)} of {LATE_TENANT}'s jobs then succeeded"
+
     cancel = steps["running job cancelled"]
     if board.cancel_id is not None and cancel.ok is None:
         body = board.results.get(board.cancel_id)
@@ -387,11 +450,19 @@ async def run_demo(
         ops = settings.ops
         if "port" not in ops.model_fields_set:
             ops = ops.model_copy(update={"port": 0})
+        token = ops.token.get_secret_value() if ops.token else secrets.token_urlsafe(16)
+        ops = ops.model_copy(update={"token": SecretStr(token)})
+        # The demo adds a tenant while it runs: to a copy of the catalog, not yours.
+        tenants_dir = log_dir / "tenants"
+        shutil.copytree(settings.tenants_dir, tenants_dir, dirs_exist_ok=True)
+        (tenants_dir / f"{LATE_TENANT}.toml").unlink(missing_ok=True)
         demo_settings = settings.model_copy(
             update={
                 "kafka": kafka,
                 "http": http,
                 "ops": ops,
+                "tenants_dir": tenants_dir,
+                "catalog_poll_s": 0.5,
                 "retry": settings.retry.model_copy(update={"base_s": 0.5}),
             }
         )
@@ -405,7 +476,8 @@ async def run_demo(
         tune_gc(demo_settings)
         base = f"http://{http.host}:{gateway.http_port}"
         console.print(f"control API on {base} (keys: demo-key-acme, -globex, -initech)")
-        console.print(f"ops listener (metrics, health) on http://{ops.host}:{gateway.ops_port}")
+        ops_base = f"http://{ops.host}:{gateway.ops_port}"
+        console.print(f"ops listener (metrics, health, admin) on {ops_base} (token: {token})")
         producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers, linger_ms=5)
         consumer = AIOKafkaConsumer(
             demo_settings.topics.results,
@@ -422,6 +494,9 @@ async def run_demo(
             work = asyncio.create_task(driver.workload(duration_s, catalog))
             await asyncio.sleep(min(2.0, duration_s / 4))
             api = asyncio.create_task(_api_scenario(board, gateway, base))
+            operator = asyncio.create_task(
+                _operator_scenario(board, gateway, ops_base, token, tenants_dir)
+            )
             deadline = time.monotonic() + duration_s + 60
             live = (
                 Live(board.view(gateway), console=console, refresh_per_second=4)
@@ -438,10 +513,11 @@ async def run_demo(
                         last = time.monotonic()
                         done = sum(sum(s.done.values()) for s in board.tenants.values())
                         console.print(f"progress: {done} results, {len(board.sent_at)} pending")
-                    if work.done() and api.done() and not board.sent_at:
+                    if work.done() and api.done() and operator.done() and not board.sent_at:
                         break
             await work
             await api
+            await operator
         finally:
             collector.cancel()
             await asyncio.gather(collector, return_exceptions=True)

@@ -1,0 +1,30 @@
+"""What the gateway adds around aiokafka's clients."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+__all__ = ["stop_consumer"]
+
+log = logging.getLogger("gateway.kafka")
+
+
+async def stop_consumer(consumer: Any) -> None:
+    """`consumer.stop()`, finished even when aiokafka gets in its own way.
+
+    aiokafka 0.14's fetcher, while closing, cancels its pending fetch requests and then
+    awaits them: a request that was waiting out a retry backoff re-raises that
+    CancelledError out of `stop()`, before the client's connections are closed. That
+    error is the consumer's own and is absorbed here (and the client closed); a
+    cancellation of the caller still propagates.
+    """
+    task = asyncio.current_task()
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        if task is not None and task.cancelling():
+            raise
+        log.debug("consumer_stop_interrupted")
+        await consumer._client.close()  # what stop() did not reach
