@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gateway.metrics import OTHER, TenantLabels
 from gateway.pools import PoolFigures
 from gateway.vault import VaultStats
 
@@ -30,59 +31,98 @@ class LagFigure:
 
 
 class PoolCollector(Collector):
-    """Per-tenant running/queued/deferred gauges and throttled/started/completed counters,
-    plus consumer lag per assigned partition."""
+    """Per-tenant running/queued/deferred/paused gauges and throttled/started/completed
+    counters, plus consumer lag per assigned partition.
+
+    Tenants beyond the named ones (`TenantLabels`) are summed under `tenant="other"`.
+    A tenant that gets its own series later keeps what it counted before in `other`
+    (its counters' values at that moment stay there as an offset), so every counter
+    series only ever grows.
+    """
 
     def __init__(
         self,
         pools: Callable[[], Iterable[PoolFigures]],
         lag: Callable[[], Iterable[LagFigure]],
+        labels: TenantLabels,
     ) -> None:
         self._pools = pools
         self._lag = lag
+        self._labels = labels
+        # tenant -> (started, throttled, completed) left in `other` when it was named
+        self._offsets: dict[str, tuple[int, int, int]] = {}
+        self._under_other: set[str] = set()
 
     def collect(self) -> Iterator[Metric]:
-        running = GaugeMetricFamily(
-            "gateway_tenant_running", "Jobs of the tenant running now.", labels=["tenant"]
-        )
-        queued = GaugeMetricFamily(
-            "gateway_tenant_queued",
-            "Jobs of the tenant buffered in memory, waiting for a slot or a token.",
-            labels=["tenant"],
-        )
-        deferred = GaugeMetricFamily(
-            "gateway_tenant_deferred",
-            "Jobs of the tenant parked in jobs.deferred (overflow), not yet back.",
-            labels=["tenant"],
-        )
-        throttled = CounterMetricFamily(
-            "gateway_tenant_throttled",
-            "Job starts the tenant's token bucket held back (rate limit).",
-            labels=["tenant"],
-        )
-        started = CounterMetricFamily(
-            "gateway_tenant_started", "Jobs of the tenant started.", labels=["tenant"]
-        )
-        completed = CounterMetricFamily(
-            "gateway_tenant_completed",
-            "Jobs of the tenant that left their slot (any outcome).",
-            labels=["tenant"],
-        )
-        paused = GaugeMetricFamily(
-            "gateway_tenant_paused",
-            "1 while the tenant is paused by an operator (it starts no new job).",
-            labels=["tenant"],
-        )
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
+            "running": GaugeMetricFamily(
+                "gateway_tenant_running", "Jobs of the tenant running now.", labels=["tenant"]
+            ),
+            "queued": GaugeMetricFamily(
+                "gateway_tenant_queued",
+                "Jobs of the tenant buffered in memory, waiting for a slot or a token.",
+                labels=["tenant"],
+            ),
+            "deferred": GaugeMetricFamily(
+                "gateway_tenant_deferred",
+                "Jobs of the tenant parked in jobs.deferred (overflow, pause), not yet back.",
+                labels=["tenant"],
+            ),
+            "paused": GaugeMetricFamily(
+                "gateway_tenant_paused",
+                "1 while the tenant is paused by an operator (it starts no new job).",
+                labels=["tenant"],
+            ),
+            "throttled": CounterMetricFamily(
+                "gateway_tenant_throttled",
+                "Job starts the tenant's token bucket held back (rate limit).",
+                labels=["tenant"],
+            ),
+            "started": CounterMetricFamily(
+                "gateway_tenant_started", "Jobs of the tenant started.", labels=["tenant"]
+            ),
+            "completed": CounterMetricFamily(
+                "gateway_tenant_completed",
+                "Jobs of the tenant that left their slot (any outcome).",
+                labels=["tenant"],
+            ),
+        }
+        totals: dict[str, dict[str, float]] = {}
+
+        def row(label: str) -> dict[str, float]:
+            return totals.setdefault(label, dict.fromkeys(families, 0.0))
+
+        labels = self._labels
         for figures in self._pools():
-            labels = [figures.tenant]
-            running.add_metric(labels, figures.running)
-            queued.add_metric(labels, figures.queued)
-            deferred.add_metric(labels, figures.deferred)
-            throttled.add_metric(labels, figures.throttled)
-            started.add_metric(labels, figures.started)
-            completed.add_metric(labels, figures.completed)
-            paused.add_metric(labels, 1.0 if figures.paused else 0.0)
-        yield from (running, queued, deferred, throttled, started, completed, paused)
+            tenant = figures.tenant
+            counters = (figures.started, figures.throttled, figures.completed)
+            busy = figures.running or figures.queued or figures.deferred or figures.paused
+            if busy or any(counters):
+                label = labels(tenant)
+            else:
+                label = tenant if labels.named(tenant) else OTHER
+            base = (0, 0, 0)
+            if label == OTHER:
+                self._under_other.add(tenant)
+            else:
+                if tenant not in self._offsets:
+                    self._offsets[tenant] = counters if tenant in self._under_other else base
+                base = self._offsets[tenant]
+            mine = row(label)
+            mine["running"] += figures.running
+            mine["queued"] += figures.queued
+            mine["deferred"] += figures.deferred
+            mine["paused"] = max(mine["paused"], 1.0 if figures.paused else 0.0)
+            for name, value, left in zip(
+                ("started", "throttled", "completed"), counters, base, strict=True
+            ):
+                mine[name] += value - left
+                if left:
+                    row(OTHER)[name] += left
+        for label, values in sorted(totals.items()):
+            for name, family in families.items():
+                family.add_metric([label], values[name])
+        yield from families.values()
         lag = GaugeMetricFamily(
             "gateway_consumer_lag",
             "Records of an assigned partition past the committed offset.",

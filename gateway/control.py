@@ -10,9 +10,11 @@
   before it are cancelled when they arrive.
 - `redriven` (admin API): a DLQ record was sent back to `jobs`; read by the API
   processes so that no record is redriven twice.
+- `demand` (every replica, every half second): its load per tenant, from which each
+  replica takes its share of every tenant's quota (`gateway.shares`).
 
 Every command names its tenant in the `tenant` header and in the body (they must
-agree); anything else on the topic is ignored.
+agree; `-` for commands about no tenant); anything else on the topic is ignored.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 
 from gateway.envelope import Job, header_value
 from gateway.settings import KafkaSettings
+from gateway.shares import Demand
 from gateway.tasks import Supervisor
 from gateway.tenantcache import TenantCache
 from gateway.topicreader import Batches, TopicReader
@@ -36,6 +39,7 @@ __all__ = [
     "CancelCommand",
     "Command",
     "ControlListener",
+    "DemandReport",
     "PauseCommand",
     "PendingCancels",
     "RedrivenMark",
@@ -145,7 +149,16 @@ class RedrivenMark:
     requested_at: float
 
 
-Command = CancelCommand | PauseCommand | CancelAllCommand | RedrivenMark
+@dataclass(frozen=True, slots=True)
+class DemandReport:
+    """A replica's load per tenant (`gateway.shares`)."""
+
+    replica: str
+    at: float
+    demand: dict[str, Demand]
+
+
+Command = CancelCommand | PauseCommand | CancelAllCommand | RedrivenMark | DemandReport
 
 
 def _text(value: Any, limit: int = 200) -> str | None:
@@ -183,6 +196,8 @@ def parse_control(
         if job_type is not None and _text(job_type) is None:
             return None
         return CancelAllCommand(header_tenant, job_type, at, by)
+    if op == "demand":
+        return _demand(body, at)
     if op == "redriven":
         partition, offset = _int(body.get("partition")), _int(body.get("offset"))
         reason = _text(body.get("reason"), 64) or "unknown"
@@ -190,6 +205,22 @@ def parse_control(
             return None
         return RedrivenMark(header_tenant, partition, offset, reason, at)
     return None
+
+
+def _demand(body: dict[str, Any], at: float) -> DemandReport | None:
+    replica = _text(body.get("replica"))
+    loads = body.get("demand")
+    if replica is None or not isinstance(loads, dict):
+        return None
+    demand: dict[str, Demand] = {}
+    for tenant, figures in loads.items():
+        if not (isinstance(figures, list) and len(figures) == 3):
+            return None
+        waiting, running, started = (_int(figure) for figure in figures)
+        if waiting is None or running is None or started is None:
+            return None
+        demand[tenant] = Demand(waiting, running, started)
+    return DemandReport(replica, at, demand)
 
 
 def _epoch(stamp: Any, fallback_ms: int) -> float:
@@ -252,5 +283,9 @@ class ControlListener:
                         "control_record_ignored",
                         extra={"partition": record.partition, "offset": record.offset},
                     )
-                elif not isinstance(command, CancelCommand) or command.requested_at >= oldest:
+                elif (
+                    not isinstance(command, CancelCommand | DemandReport)
+                    or (command.at if isinstance(command, DemandReport) else command.requested_at)
+                    >= oldest
+                ):
                     self._on_command(command)

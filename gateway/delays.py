@@ -67,5 +67,7 @@ class DelayQueue(Generic[T]):
                 self._due(item)
             self._changed.clear()
             timeout = (self._heap[0][0] - now_ms) / 1000 if self._heap else None
+            # asyncio.timeout, not wait_for (which on 3.11 can swallow a cancellation).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._changed.wait()

@@ -2,9 +2,12 @@
 
 Event metrics (jobs, retries, DLQ, durations, commits, denials) are counted where they
 happen; state (pools, lag, Vault) is read at scrape time by `gateway.collectors`.
-Every label is bounded: tenants come from the catalog, types from the registry, DLQ
-reasons from the contract, and free-form error codes are capped (`_Bounded`). Job ids
-never become labels.
+Every label is bounded: job types come from the registry, DLQ reasons from the
+contract, free-form error codes and node names are capped (`_Bounded`), and tenants are
+capped too (`TenantLabels`): the first `max_tenant_series` tenants to be active get a
+series of their own, for as long as the process lives, and every other tenant is
+counted under `tenant="other"`, so 10,000 tenants never make 10,000 series per metric.
+Job ids never become labels.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from prometheus_client import (
 )
 from prometheus_client.registry import Collector
 
-__all__ = ["CONTENT_TYPE", "Metrics"]
+__all__ = ["CONTENT_TYPE", "OTHER", "Metrics", "TenantLabels"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -47,10 +50,34 @@ class _Bounded:
         return value
 
 
+OTHER = "other"
+
+
+class TenantLabels:
+    """The `tenant` label of a tenant: its own id for the first `limit` tenants seen
+    (sticky: a tenant never moves between series), `other` for the rest."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._named: set[str] = set()
+
+    def __call__(self, tenant: str) -> str:
+        if tenant in self._named:
+            return tenant
+        if len(self._named) < self._limit and tenant != OTHER:
+            self._named.add(tenant)
+            return tenant
+        return OTHER
+
+    def named(self, tenant: str) -> bool:
+        """Whether the tenant has a series of its own already (never assigns one)."""
+        return tenant in self._named
+
+
 class Metrics:
     """Every metric of one gateway replica."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_tenant_series: int = 200) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
         # `tenant` is the caller; the owner of the job is never a label (invariant 3).
@@ -109,6 +136,7 @@ class Metrics:
         )
         self.error_code = _Bounded(100)
         self.node_name = _Bounded(200)
+        self.tenant = TenantLabels(max_tenant_series)
 
     def add_collector(self, collector: Collector) -> None:
         """Register a scrape-time collector (pools, lag, Vault)."""

@@ -23,6 +23,7 @@ from gateway.records import Status
 from gateway.runner import CANCELLED, Outcome, Runner
 from gateway.scheduler import FairScheduler, TenantLimits
 from gateway.settings import Settings
+from gateway.shares import Demand, Shares
 from gateway.tasks import Supervisor
 
 __all__ = ["PoolFigures", "Pools", "limits_for"]
@@ -45,14 +46,19 @@ class PoolFigures:
     limits: TenantLimits
 
 
-def limits_for(tenant: Tenant, share: float = 1.0) -> TenantLimits:
-    """The scheduler's view of a tenant's quota, scaled to this replica's share."""
+_WHOLE = Shares(1.0, 1.0)
+
+
+def limits_for(tenant: Tenant, shares: Shares = _WHOLE) -> TenantLimits:
+    """The scheduler's view of a tenant's quota: this replica's shares of its rate, burst
+    and concurrency (at least one slot and one token, so work that just arrived can
+    start); the buffer bound is per replica (it bounds this replica's memory)."""
     quota = tenant.quota
     return TenantLimits(
-        max_concurrency=max(1, round(quota.max_concurrency * share)),
-        rate_per_s=max(1e-3, quota.rate_per_s * share),
-        burst=max(1, round(quota.burst * share)),
-        max_queued=max(1, round(quota.max_queued * share)),
+        max_concurrency=max(1, round(quota.max_concurrency * shares.concurrency)),
+        rate_per_s=max(1e-3, quota.rate_per_s * shares.rate),
+        burst=max(1, round(quota.burst * shares.rate)),
+        max_queued=max(1, quota.max_queued),
         weight=quota.weight,
     )
 
@@ -84,7 +90,11 @@ class Pools:
         self._running: set[Entry] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._share = 1.0
+        # This replica's shares of each tenant's quota (gateway.shares); tenants not
+        # listed get `_even` (an even split, or the whole quota without peers).
+        self._shares: dict[str, Shares] = {}
+        self._even = _WHOLE
+        self._started_reported: dict[str, int] = {}
         self._paused: set[str] = set()
 
     # -- admission -----------------------------------------------------------
@@ -132,9 +142,12 @@ class Pools:
         self._wake.set()
         return True
 
+    def _limits(self, tenant: Tenant) -> TenantLimits:
+        return limits_for(tenant, self._shares.get(tenant.id, self._even))
+
     def _ensure(self, tenant: Tenant) -> None:
         if self.scheduler.tenant(tenant.id) is None:
-            self.scheduler.configure(tenant.id, limits_for(tenant, self._share), time.monotonic())
+            self.scheduler.configure(tenant.id, self._limits(tenant), time.monotonic())
             if tenant.id in self._paused:
                 self.scheduler.pause(tenant.id)
 
@@ -177,18 +190,41 @@ class Pools:
         return self.scheduler.book_deferral(tenant_id, time.monotonic())
 
     def apply_catalog(self, catalog: Catalog) -> None:
-        """Apply new limits to admissions from now on (hot reload, share change)."""
+        """Apply new limits to admissions from now on (hot reload)."""
         now = time.monotonic()
         for tenant in catalog:
-            self.scheduler.configure(tenant.id, limits_for(tenant, self._share), now)
+            self.scheduler.configure(tenant.id, self._limits(tenant), now)
             if tenant.id in self._paused and not self.scheduler.paused(tenant.id):
                 self.scheduler.pause(tenant.id)  # nothing buffered yet: a new tenant
         self._wake.set()
 
-    def set_share(self, share: float) -> None:
-        """This replica's share of every tenant's quota (its share of partitions)."""
-        self._share = max(0.0, min(1.0, share)) or 1.0
-        self.apply_catalog(self._catalog())
+    def demand(self) -> dict[str, Demand]:
+        """This replica's load per tenant (only tenants with some), for its report."""
+        demand: dict[str, Demand] = {}
+        for tenant_id, queue in self.scheduler.tenants():
+            started = queue.started - self._started_reported.get(tenant_id, 0)
+            self._started_reported[tenant_id] = queue.started
+            waiting = len(queue.items) + len(queue.waiting)
+            if waiting or queue.running or started:
+                demand[tenant_id] = Demand(waiting, queue.running, started)
+        return demand
+
+    def apply_shares(self, shares: dict[str, Shares], even: Shares) -> None:
+        """This replica's new shares of the quotas of the tenants someone has demand for
+        (`shares`); every other tenant gets `even`."""
+        catalog = self._catalog()
+        now = time.monotonic()
+        before, before_even = self._shares, self._even
+        self._shares, self._even = shares, even
+        if even != before_even:
+            ids: set[str] = {t.id for t in catalog}
+        else:
+            ids = set(shares) | set(before)
+        for tenant_id in ids:
+            tenant = catalog.get(tenant_id)
+            if tenant is not None:
+                self.scheduler.configure(tenant_id, self._limits(tenant), now)
+        self._wake.set()
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -243,8 +279,11 @@ class Pools:
             wait = (
                 scheduler.next_wakeup_s(now) if scheduler.running < scheduler.total_slots else None
             )
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the
+            # cancellation that stops this loop when the event is set at that moment.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
 
     async def _execute(self, entry: Entry) -> None:
         """One attempt: `running`, the flow, the outcome. A cancellation by shutdown or

@@ -116,10 +116,11 @@ class Recorder:
         )
         metrics = self._metrics
         if metrics is not None:
-            metrics.jobs.labels(job.tenant, job.type, decision.status.value).inc()
-            metrics.job_duration.labels(job.tenant, job.type).observe(finished - started)
+            tenant = metrics.tenant(job.tenant)
+            metrics.jobs.labels(tenant, job.type, decision.status.value).inc()
+            metrics.job_duration.labels(tenant, job.type).observe(finished - started)
             if decision.status is Status.RETRYING:
-                metrics.retries.labels(job.tenant, metrics.error_code(decision.error_code)).inc()
+                metrics.retries.labels(tenant, metrics.error_code(decision.error_code)).inc()
             if any(record.topic == self._topics.dlq for record in decision.records):
                 metrics.dlq.labels(DlqReason.MAX_ATTEMPTS_EXCEEDED.value).inc()
         result = self._result_of(decision.records) if decision.terminal else None
@@ -198,7 +199,7 @@ class Recorder:
         now = time.time()
         delay_s = min(delay_s, self._settings.max_delay_s)
         if self._metrics is not None:
-            self._metrics.deferrals.labels(job.tenant).inc()
+            self._metrics.deferrals.labels(self._metrics.tenant(job.tenant)).inc()
         records = deferral_records(
             job, topics=self._topics, at=now, not_before_ms=int((now + delay_s) * 1000)
         )
@@ -212,7 +213,8 @@ class Recorder:
         self._history.remember(job.key, Status.CANCELLED)
         job_log(log, logging.INFO, "job_cancelled", job, where=where)
         if self._metrics is not None:
-            self._metrics.jobs.labels(job.tenant, job.type, Status.CANCELLED.value).inc()
+            tenant = self._metrics.tenant(job.tenant)
+            self._metrics.jobs.labels(tenant, job.type, Status.CANCELLED.value).inc()
         self._post(records, [t for entry in entries for t in entry.tickets], job.tenant)
 
     def duplicate(self, entry: Entry) -> None:

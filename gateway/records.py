@@ -172,6 +172,8 @@ def admin_record(
     body = {"op": op, "tenant": tenant, "requested_at": rfc3339(at), "by": by, **fields}
     if op in ("pause", "resume"):
         key = f"state:{tenant}"
+    elif op == "demand":
+        key = f"demand:{fields['replica']}"
     elif op == "redriven":
         key = f"redriven:{fields['partition']}:{fields['offset']}"
     else:

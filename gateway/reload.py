@@ -1,22 +1,20 @@
-"""Catalog hot reload: a change under tenants/ or to quotas.toml (or SIGHUP) applies live."""
+"""Catalog hot reload: a change under tenants/ or to quotas.toml (or SIGHUP) applies live;
+only the files that changed are read again."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from gateway.catalog import Catalog, load_catalog
+from gateway.catalog import Catalog, CatalogLoader
 from gateway.errors import CatalogError
 from gateway.tasks import Supervisor
 
 __all__ = ["CatalogReloader"]
 
 log = logging.getLogger("gateway.catalog")
-
-Fingerprint = tuple[tuple[str, int, int], ...]
 
 
 class CatalogReloader:
@@ -29,29 +27,21 @@ class CatalogReloader:
         apply: Callable[[Catalog], None],
         interval_s: float,
         supervisor: Supervisor,
+        loader: CatalogLoader | None = None,
     ) -> None:
         self._supervisor = supervisor
-        self._tenants_dir = tenants_dir
-        self._policies_dir = policies_dir
+        # The loader that read the catalog in force, if given: it knows what it parsed.
+        self._loader = loader or CatalogLoader(tenants_dir, policies_dir)
         self._apply = apply
         self._interval_s = interval_s
-        self._stamp = self._fingerprint()
+        self._stamp = self._loader.stamps()
         self._task: asyncio.Task[None] | None = None
-
-    def _fingerprint(self) -> Fingerprint:
-        paths = [*sorted(self._tenants_dir.glob("*.toml")), self._policies_dir / "quotas.toml"]
-        stamps = []
-        for path in paths:
-            with contextlib.suppress(OSError):
-                stat = path.stat()
-                stamps.append((str(path), stat.st_mtime_ns, stat.st_size))
-        return tuple(stamps)
 
     def reload(self) -> bool:
         """Load the catalog now; keep the one in force when the new one is invalid."""
-        self._stamp = self._fingerprint()
+        self._stamp = self._loader.stamps()
         try:
-            catalog = load_catalog(self._tenants_dir, self._policies_dir)
+            catalog = self._loader.load()
         except CatalogError as exc:
             log.error(  # the message names file and field; no traceback needed
                 "catalog_rejected",
@@ -75,5 +65,5 @@ class CatalogReloader:
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self._interval_s)
-            if self._fingerprint() != self._stamp:
+            if self._loader.stamps() != self._stamp:
                 self.reload()

@@ -278,8 +278,10 @@ class Runner:
         if metrics is None:
             return None
 
+        label = metrics.tenant(tenant)
+
         def observe(node: str, seconds: float) -> None:
-            metrics.node_latency.labels(tenant, metrics.node_name(node)).observe(seconds)
+            metrics.node_latency.labels(label, metrics.node_name(node)).observe(seconds)
 
         return observe
 

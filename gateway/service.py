@@ -7,19 +7,23 @@ import contextlib
 import logging
 import os
 import signal
+import sys
+import time
 from collections.abc import Awaitable, Callable, Hashable
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from gateway.admission import Admission
 from gateway.api.supervisor import ApiProcess
-from gateway.catalog import Catalog, load_catalog
+from gateway.catalog import Catalog, CatalogLoader
 from gateway.collectors import PoolCollector, VaultCollector
 from gateway.control import (
     CancelAllCommand,
     CancelCommand,
     Command,
     ControlListener,
+    DemandReport,
     PauseCommand,
     PendingCancels,
 )
@@ -34,9 +38,11 @@ from gateway.outbox import Outbox
 from gateway.pools import Pools
 from gateway.process import make_undumpable, tune_gc
 from gateway.recorder import Recorder
+from gateway.records import admin_record
 from gateway.reload import CatalogReloader
 from gateway.runner import Runner
 from gateway.settings import KafkaSettings, Settings, TopicSettings
+from gateway.shares import ShareBook
 from gateway.tasks import Supervisor
 from gateway.vault import SecretStore, VaultStats
 
@@ -82,13 +88,18 @@ class Gateway:
     """
 
     def __init__(
-        self, settings: Settings, catalog: Catalog, job_types: JobTypes | None = None
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        job_types: JobTypes | None = None,
+        *,
+        loader: CatalogLoader | None = None,
     ) -> None:
         self.settings = settings
         self._catalog = catalog
         self.job_types = job_types or load_job_types(settings.flows)
         self.supervisor = Supervisor(self._task_failed)
-        self.metrics = Metrics()
+        self.metrics = Metrics(settings.max_tenant_series)
         self.history = TerminalHistory(settings.history_size)
         self.tracker = OffsetTracker()
         self.outbox = Outbox(
@@ -145,7 +156,13 @@ class Gateway:
             supervisor=self.supervisor,
             metrics=self.metrics,
         )
-        self.intake.on_assignment(self._update_share)
+        self.intake.on_assignment(self._on_assignment)
+        self.shares = ShareBook(
+            settings.replica,
+            peer_timeout_s=settings.cluster.peer_timeout_s,
+            floor=settings.cluster.share_floor,
+        )
+        self._share_task: asyncio.Task[None] | None = None
         # Finished jobs only (the API process keeps the statuses and results for GET).
         self.finished = FinishedJobs(
             settings.kafka, settings.topics.results, self.history, self.supervisor
@@ -157,7 +174,9 @@ class Gateway:
             self._on_command,
             self.supervisor,
         )
-        self.metrics.add_collector(PoolCollector(self.pools.snapshot, self.intake.lag))
+        self.metrics.add_collector(
+            PoolCollector(self.pools.snapshot, self.intake.lag, self.metrics.tenant)
+        )
         self.metrics.add_collector(VaultCollector(self._vault_stats))
         # Extra conditions for GET /readyz (e.g. Vault reachable or its cache warm).
         self.readiness_checks: list[ReadinessCheck] = []
@@ -185,6 +204,7 @@ class Gateway:
             self.apply_catalog,
             settings.catalog_poll_s,
             self.supervisor,
+            loader,
         )
         self._stopped = asyncio.Event()
         self._stopping = False
@@ -229,6 +249,8 @@ class Gateway:
             else:
                 self.admission.resume(command.tenant)
                 log.warning("tenant_resumed", extra={"tenant": command.tenant, "by": command.by})
+        elif isinstance(command, DemandReport):
+            self.shares.observe(command.replica, command.at, command.demand)
         elif isinstance(command, CancelAllCommand):
             held = self.admission.cancel_all(command.tenant, command.job_type, command.requested_at)
             log.warning(
@@ -310,12 +332,31 @@ class Gateway:
                 reasons.append(reason)
         return reasons
 
-    def _update_share(self, assigned: set[Hashable]) -> None:
+    def _on_assignment(self, assigned: set[Hashable]) -> None:
         self._assigned_once = True
-        jobs_topic = self.settings.topics.jobs
-        mine = sum(1 for tp in assigned if getattr(tp, "topic", None) == jobs_topic)
-        total = self.settings.kafka.partitions
-        self.pools.set_share(mine / total if mine and total else 1.0)
+
+    async def _share_quotas(self) -> None:
+        """Every `demand_interval_s`: report this replica's demand, read the others',
+        and take this replica's shares of every tenant's quota (gateway.shares)."""
+        cluster = self.settings.cluster
+        while True:
+            now = time.time()
+            local = self.pools.demand()
+            report = admin_record(
+                self.settings.topics.control,
+                op="demand",
+                tenant="-",
+                at=now,
+                by="gateway",
+                replica=self.settings.replica,
+                demand={t: [d.waiting, d.running, d.started] for t, d in local.items()},
+            )
+            self.outbox.post([report])
+            book = self.shares
+            book.forget_stale(now)
+            active = (set(local) | book.active(now)) & set(self._catalog.tenants)
+            self.pools.apply_shares(book.shares(local, active, now), book.even(now))
+            await asyncio.sleep(cluster.demand_interval_s)
 
     def fail(self, exc: BaseException) -> None:
         """A fatal error: stop with a non-zero exit; unfinished work is redelivered."""
@@ -355,6 +396,7 @@ class Gateway:
             )
         await self.pools.start()
         await self.admission.start()
+        self._share_task = self.supervisor.spawn(self._share_quotas(), "gateway:shares")
         await self.intake.start()
         await self.reloader.start()
         log.info(
@@ -402,6 +444,7 @@ class Gateway:
             steps.append(("api", self.api.stop))
         steps += [
             ("reloader", self.reloader.stop),
+            ("shares", lambda: self.supervisor.cancel(self._share_task)),
             ("intake", self.intake.stop_fetching),
             ("admission", self.admission.stop),
             ("pools", lambda: self.pools.stop(grace)),
@@ -423,13 +466,31 @@ class Gateway:
         log.info("gateway_stopped", extra={"exit_code": self.exit_code})
 
 
+def dump_tasks() -> None:
+    """SIGUSR1: every asyncio task and the chain of awaits it is suspended in, on stderr,
+    for an operator asking where a process is stuck (code locations only: no values,
+    so no payload or secret)."""
+    lines = []
+    for task in asyncio.all_tasks():
+        lines.append(f"--- task {task.get_name()}")
+        awaited: Any = task.get_coro()
+        for _ in range(50):
+            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "ag_frame", None)
+            if frame is None:
+                break
+            lines.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "ag_await", None)
+    sys.stderr.write("\n".join(lines) + "\n")
+    sys.stderr.flush()
+
+
 async def run_gateway(settings: Settings) -> int:
     """`gateway run`: start, serve until SIGTERM/SIGINT, stop in order; a 2nd signal exits."""
     # Before anything holds a secret: the API process (same user) must not be able to
     # read this process's memory or environment.
     make_undumpable()
-    catalog = load_catalog(settings.tenants_dir, settings.policies_dir)
-    gateway = Gateway(settings, catalog)
+    loader = CatalogLoader(settings.tenants_dir, settings.policies_dir)
+    gateway = Gateway(settings, loader.load(), loader=loader)
     loop = asyncio.get_running_loop()
     signals_seen = 0
 
@@ -445,6 +506,7 @@ async def run_gateway(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     loop.add_signal_handler(signal.SIGHUP, gateway.reloader.reload)
+    loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
     try:
         await gateway.start()
         tune_gc(settings)
@@ -454,6 +516,6 @@ async def run_gateway(settings: Settings) -> int:
         gateway.exit_code = 1
     finally:
         await gateway.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
     return gateway.exit_code

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = [
+    "ClusterSettings",
     "ControlSettings",
     "HttpSettings",
     "KafkaSettings",
@@ -155,6 +156,19 @@ class ControlSettings(BaseModel):
     paused_recheck_s: float = Field(default=15.0, gt=0)
 
 
+class ClusterSettings(BaseModel):
+    """How replicas share every tenant's quota (`gateway.shares`)."""
+
+    model_config = _FROZEN
+
+    # How often each replica reports its demand and recomputes its shares.
+    demand_interval_s: float = Field(default=0.5, gt=0)
+    # A replica not heard from for this long no longer counts.
+    peer_timeout_s: float = Field(default=3.0, gt=0)
+    # The least share of a tenant's rate a replica with demand takes.
+    share_floor: float = Field(default=0.05, ge=0, le=1)
+
+
 class RetrySettings(BaseModel):
     """Exponential backoff with full jitter for jobs.retry."""
 
@@ -188,6 +202,7 @@ class Settings(BaseSettings):
     http: HttpSettings = HttpSettings()
     ops: OpsSettings = OpsSettings()
     control: ControlSettings = ControlSettings()
+    cluster: ClusterSettings = ClusterSettings()
     retry: RetrySettings = RetrySettings()
     tenants_dir: Path = Path("tenants")
     policies_dir: Path = Path("policies")
@@ -215,6 +230,8 @@ class Settings(BaseSettings):
     # Every job makes short-lived cycles (tasks, futures, flow contexts); collecting
     # them 700 allocations at a time cost about 40% of the gateway's CPU.
     gc_threshold: int = Field(default=20_000, ge=0)
+    # Tenants with series of their own in the metrics (the rest are `tenant="other"`).
+    max_tenant_series: int = Field(default=200, ge=1)
     # Terminal job ids remembered to skip redelivered work (idempotency).
     history_size: int = Field(default=200_000, ge=1)
 

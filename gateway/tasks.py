@@ -30,8 +30,11 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
     """
     if task is None:
         return
-    task.cancel()
-    await asyncio.wait({task})
+    # A task may swallow one cancellation (a library's wait_for racing its own
+    # completion): ask again until it ends.
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=1.0)
     if not task.cancelled() and task.exception() is not None:
         log.error(
             "background_task_failed",

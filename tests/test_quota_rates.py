@@ -93,12 +93,19 @@ async def test_hot_reload_changes_the_measured_start_rate(
     assert after >= 2.5 * before, (before, after)
 
 
-async def test_two_replicas_share_a_tenant_rate(
+async def test_two_replicas_hold_each_tenant_to_its_rate_however_records_are_keyed(
     settings: Settings, client: JobClient, gateway_process: Any, tmp_path: Path
 ) -> None:
+    # Three tenants at 40/s each, offered far more: one keyed by job id (spread over
+    # both replicas), one keyed by tenant (all on one partition, so one replica), one
+    # skewed (90% of its records on one replica's partitions). Each replica takes its
+    # share of each tenant's quota where the tenant's work is (gateway.shares).
     tenants = tmp_path / "tenants"
     tenants.mkdir()
-    (tenants / "paced.toml").write_text(quota_tenant("paced", conc=8, rate=40, burst=4, queued=300))
+    for tenant in ("byjob", "bytenant", "skewed"):
+        (tenants / f"{tenant}.toml").write_text(
+            quota_tenant(tenant, conc=8, rate=40, burst=4, queued=1000)
+        )
     quick_group = settings.kafka.model_copy(
         update={"session_timeout_ms": 3000, "heartbeat_interval_ms": 300}
     )
@@ -114,18 +121,30 @@ async def test_two_replicas_share_a_tenant_rate(
 
     await wait_for(split, 30)
     assigned = [_jobs_partitions(r, jobs_topic) for r in replicas]
-    for n in range(600):
-        await client.job("paced", f"p{n}", "sleep", seconds=0.02)
+    first, second = sorted(assigned[0]), sorted(assigned[1])
+    for n in range(500):
+        await client.job("byjob", f"j{n}", "sleep", seconds=0.02)
+        body = {"id": f"t{n}", "type": "sleep", "payload": {"seconds": 0.02}}
+        await client.send("bytenant", body, key=b"bytenant")
+        where = first[n % len(first)] if n % 10 else second[n % len(second)]
+        value = json.dumps({"id": f"s{n}", "type": "sleep", "payload": {"seconds": 0.02}})
+        await client.producer.send(
+            jobs_topic, value.encode(), partition=where, headers=[("tenant", b"skewed")]
+        )
     await client.flush()
     await _first_result(configured)
-    await asyncio.sleep(8.0)
+    await asyncio.sleep(9.0)
     for replica in replicas:
         replica.signal(signal.SIGTERM)
     for replica in replicas:
         assert replica.wait(30) == 0
     assert [_jobs_partitions(r, jobs_topic) for r in replicas] == assigned, "rebalanced"
 
-    starts = await _start_times(configured, "paced")
-    total = _rate(starts, starts[0] + 1.0, starts[0] + 7.0)
-    # One replica alone would run at the whole 40/s, both at 80/s without shares.
-    assert 40 * 0.75 <= total <= 40 * 1.25, f"{total:.1f}/s at 40/s across two replicas"
+    rates = {}
+    for tenant in ("byjob", "bytenant", "skewed"):
+        starts = await _start_times(configured, tenant)
+        rates[tenant] = _rate(starts, starts[0] + 1.5, starts[0] + 8.5)
+    # Without shares by demand: byjob ran at 40/s only because it is spread evenly;
+    # bytenant got one replica's half (20/s); skewed ran above its quota.
+    for tenant, rate in rates.items():
+        assert 40 * 0.88 <= rate <= 40 * 1.12, f"{tenant}: {rate:.1f}/s at 40/s ({rates})"

@@ -239,7 +239,8 @@ class ApiProcess:
         audit_cross_tenant(
             tenant=denied.tenant, job_id=denied.job_id, action=denied.action, source=source
         )
-        self._metrics.cross_tenant_denials.labels(tenant=denied.tenant, action=denied.action).inc()
+        caller = self._metrics.tenant(denied.tenant)
+        self._metrics.cross_tenant_denials.labels(tenant=caller, action=denied.action).inc()
 
     def _answer(self, channel: Channel, call: Call) -> None:
         answer = self._answers.get(call.op)
