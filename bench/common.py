@@ -92,7 +92,8 @@ async def bench_settings(
         **(kafka_overrides or {}),
     }
     kafka = KafkaSettings(bootstrap_servers=bootstrap, group_id=f"{prefix}-group", **tuning)
-    overrides.setdefault("http", {"port": 0})  # a free port, never a fixed one
+    overrides.setdefault("http", {"port": 0})  # free ports, never fixed ones
+    overrides.setdefault("ops", {"port": 0})
     settings = Settings(
         kafka=kafka,
         topics=topics,

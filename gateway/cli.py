@@ -45,9 +45,11 @@ def run() -> None:
     settings = _settings()
     configure_logging(settings.log_format, settings.log_level, settings.replica)
     try:
-        code = asyncio.run(run_gateway(settings))
+        code, failure = asyncio.run(run_gateway(settings))
     except CatalogError as exc:
         raise click.ClickException(str(exc)) from None
+    if failure is not None:
+        click.echo(f"error: {failure}", err=True)
     sys.exit(code)
 
 

@@ -18,7 +18,7 @@ from gateway.metrics import OTHER, TenantLabels
 from gateway.pools import PoolFigures
 from gateway.vault import VaultStats
 
-__all__ = ["LagFigure", "PoolCollector", "VaultCollector"]
+__all__ = ["BrokerCollector", "LagFigure", "PoolCollector", "VaultCollector"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,4 +184,18 @@ class VaultCollector(Collector):
             "gateway_vault_up", "1 when Vault answered the last call, 0 during an outage."
         )
         up.add_metric([], 1.0 if available else 0.0)
+        yield up
+
+
+class BrokerCollector(Collector):
+    """`gateway_broker_up`: 1 while the broker acknowledges this replica's writes."""
+
+    def __init__(self, up: Callable[[], bool]) -> None:
+        self._up = up
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "gateway_broker_up", "1 while the broker acknowledges writes, 0 during an outage."
+        )
+        up.add_metric([], 1.0 if self._up() else 0.0)
         yield up

@@ -9,6 +9,7 @@ __all__ = [
     "JobError",
     "JobTimeout",
     "ProduceError",
+    "ReplicaFenced",
     "SecretForbidden",
     "SecretNotFound",
     "SecretsUnavailable",
@@ -54,6 +55,12 @@ class ProduceError(GatewayError):
 
     retryable = True
     code = "produce_failed"
+
+
+class ReplicaFenced(GatewayError):
+    """This replica slept through its consumer-group session: others own its partitions."""
+
+    code = "replica_fenced"
 
 
 class JobError(GatewayError):

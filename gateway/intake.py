@@ -81,8 +81,11 @@ class Intake:
         pools: Pools,
         supervisor: Supervisor,
         metrics: Metrics | None = None,
+        fence: Callable[[], bool] | None = None,
     ) -> None:
         self._settings = settings
+        # True once this replica must commit nothing more (it slept through its session).
+        self._fence = fence
         self.tracker = tracker
         self._admission = admission
         self._recorder = recorder
@@ -258,6 +261,9 @@ class Intake:
         async with self._commit_lock:
             due = self.tracker.due_commits(partitions)
             if not due:
+                return
+            if self._fence is not None and self._fence():
+                log.error("commit_fenced", extra={"partitions": len(due)})
                 return
             offsets = {tp: OffsetAndMetadata(offset, "") for tp, offset in due.items()}
             began = time.perf_counter()

@@ -11,7 +11,7 @@ from typing import Any, TextIO
 
 from gateway.envelope import Job
 
-__all__ = ["configure_logging", "flow_event_middleware", "job_log"]
+__all__ = ["ClientLogLimit", "configure_logging", "flow_event_middleware", "job_log"]
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 _REPLICA = {"value": ""}
@@ -59,6 +59,38 @@ class PlainFormatter(logging.Formatter):
         return f"{line} {extras}" if extras else line
 
 
+class ClientLogLimit(logging.Filter):
+    """At most `burst` lines, then `per_s` a second, per message of the Kafka client
+    library (`aiokafka`, `kafka`): during a broker outage it writes the same error for
+    every connection attempt, hundreds a second. The next line let through after a
+    stretch of dropped ones says how many were dropped (`suppressed`); the gateway's
+    own `broker_unreachable`/`broker_recovered` lines say what is going on."""
+
+    def __init__(self, per_s: float = 1.0, burst: int = 5) -> None:
+        super().__init__()
+        self._per_s = per_s
+        self._burst = float(burst)
+        # message template -> (tokens, last refill, suppressed since the last line)
+        self._state: dict[str, tuple[float, float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(("aiokafka", "kafka")):
+            return True
+        key = f"{record.name}:{record.msg}"
+        now = time.monotonic()
+        tokens, stamp, dropped = self._state.get(key, (self._burst, now, 0))
+        tokens = min(self._burst, tokens + (now - stamp) * self._per_s)
+        if tokens < 1.0:
+            self._state[key] = (tokens, now, dropped + 1)
+            return False
+        if dropped:
+            record.suppressed = dropped
+        self._state[key] = (tokens - 1.0, now, 0)
+        if len(self._state) > 1000:  # templates are few; bound it anyway
+            self._state.clear()
+        return True
+
+
 def configure_logging(
     fmt: str = "auto",
     level: str = "INFO",
@@ -75,6 +107,7 @@ def configure_logging(
         use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
         handler = logging.StreamHandler(stream)
         handler.setFormatter(JsonFormatter() if use_json else PlainFormatter())
+        handler.addFilter(ClientLogLimit())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -35,7 +35,8 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 
-from gateway.errors import ProduceError
+from gateway.errors import ProduceError, ReplicaFenced
+from gateway.health import BrokerHealth
 from gateway.records import OutRecord, record_size
 from gateway.settings import KafkaSettings
 from gateway.tasks import Supervisor
@@ -126,25 +127,18 @@ class Outbox:
         *,
         client_id: str,
         on_fatal: Callable[[BaseException], None] | None = None,
+        health: BrokerHealth | None = None,
+        fence: Callable[[], bool] | None = None,
     ) -> None:
         self._settings = settings
+        self._health = health
+        # True once this replica must write nothing more (it slept through its session).
+        self._fence = fence
         self._supervisor = supervisor
         self._on_fatal = on_fatal
-        self._max_bytes = settings.max_request_bytes
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=settings.bootstrap_servers,
-            client_id=client_id,
-            linger_ms=settings.linger_ms,
-            acks="all",
-            # Tansu rejects the idempotent producer; ordering per key is kept by
-            # max_in_flight=1 inside aiokafka's sender.
-            enable_idempotence=False,
-            request_timeout_ms=settings.request_timeout_ms,
-            max_request_size=settings.max_request_bytes,
-            # Larger batches than aiokafka's 16 KiB: a full batch makes the next record
-            # of its partition wait until the batch has left.
-            max_batch_size=settings.max_batch_bytes,
-        )
+        self._client_id = client_id
+        # Made at start: an AIOKafkaProducer that is never started warns when collected.
+        self._producer: AIOKafkaProducer | None = None
         self._queue = _Lanes()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -162,7 +156,23 @@ class Outbox:
         """Connect to the broker and start sending."""
         if self._started:
             return
-        await self._producer.start()
+        settings = self._settings
+        producer = AIOKafkaProducer(
+            bootstrap_servers=settings.bootstrap_servers,
+            client_id=self._client_id,
+            linger_ms=settings.linger_ms,
+            acks="all",
+            # Tansu rejects the idempotent producer; ordering per key is kept by
+            # max_in_flight=1 inside aiokafka's sender.
+            enable_idempotence=False,
+            request_timeout_ms=settings.request_timeout_ms,
+            max_request_size=settings.max_request_bytes,
+            # Larger batches than aiokafka's 16 KiB: a full batch makes the next record
+            # of its partition wait until the batch has left.
+            max_batch_size=settings.max_batch_bytes,
+        )
+        await producer.start()
+        self._producer = producer
         self._started = True
         self._sender = self._supervisor.spawn(self._run(), "gateway:outbox")
 
@@ -181,7 +191,8 @@ class Outbox:
             task.cancel()
         if self._waiters:
             await asyncio.wait(set(self._waiters))
-        await self._producer.stop()
+        if self._producer is not None:
+            await self._producer.stop()
 
     # -- posting ---------------------------------------------------------------
 
@@ -240,12 +251,20 @@ class Outbox:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            if self._fence is not None and self._fence():
+                # Others own this replica's partitions now: anything written could be a
+                # second outcome of a job they ran. Write nothing; the process stops.
+                log.error("outbox_fenced", extra={"unsent": queue.count})
+                self._fatal(ReplicaFenced("slept through the consumer-group session"))
+                await asyncio.Event().wait()  # until the shutdown cancels this task
             round_ = queue.take(_ROUND_RECORDS, _ROUND_BYTES)
             sent: list[tuple[_Item, asyncio.Future[Any]]] = []
+            producer = self._producer
+            assert producer is not None  # the sender runs only once started
             for item in round_:
                 record = item.record
                 try:
-                    future = await self._producer.send(
+                    future = await producer.send(
                         record.topic, value=record.value, key=record.key, headers=record.headers
                     )
                 except KafkaError as exc:  # raised at once: too large, or no metadata in time
@@ -267,6 +286,7 @@ class Outbox:
             futures = {future for _, future in sent}
             latest = max(item.deadline for item, _ in sent)
             _, pending = await asyncio.wait(futures, timeout=max(0.0, latest - time.monotonic()))
+            acknowledged = False
             for item, future in sent:
                 if future in pending:
                     future.cancel()
@@ -274,7 +294,10 @@ class Outbox:
                 elif future.exception() is not None:
                     self._failed_item(item, future.exception())
                 else:
+                    acknowledged = True
                     self._settle(item)
+            if acknowledged and self._health is not None:
+                self._health.ok()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001  # a bug here must stop the process, loudly
@@ -284,6 +307,8 @@ class Outbox:
     def _failed_item(self, item: _Item, exc: BaseException | None) -> None:
         assert exc is not None
         if is_transient(exc):
+            if self._health is not None:
+                self._health.failed(type(exc).__name__)
             if time.monotonic() >= item.deadline:
                 self._give_up(item, type(exc).__name__)
                 return

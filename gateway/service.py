@@ -8,16 +8,18 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
 
 from gateway.admission import Admission
 from gateway.api.supervisor import ApiProcess
 from gateway.catalog import Catalog, CatalogLoader
-from gateway.collectors import PoolCollector, VaultCollector
+from gateway.collectors import BrokerCollector, PoolCollector, VaultCollector
 from gateway.control import (
     CancelAllCommand,
     CancelCommand,
@@ -27,9 +29,10 @@ from gateway.control import (
     PauseCommand,
     PendingCancels,
 )
-from gateway.errors import GatewayError
+from gateway.errors import ConfigError, GatewayError, ReplicaFenced
 from gateway.finished import FinishedJobs
 from gateway.flows import JobTypes, load_job_types
+from gateway.health import BrokerHealth, LoopWatch
 from gateway.history import TerminalHistory
 from gateway.intake import Intake
 from gateway.metrics import Metrics
@@ -43,7 +46,7 @@ from gateway.reload import CatalogReloader
 from gateway.runner import Runner
 from gateway.settings import KafkaSettings, Settings, TopicSettings
 from gateway.shares import ShareBook
-from gateway.tasks import Supervisor
+from gateway.tasks import Supervisor, cancel_and_wait
 from gateway.vault import SecretStore, VaultStats
 
 __all__ = ["Gateway", "ReadinessCheck", "ensure_topics", "run_gateway", "tune_gc"]
@@ -78,6 +81,41 @@ async def ensure_topics(kafka: KafkaSettings, topics: TopicSettings) -> None:
         await admin.close()
 
 
+async def wait_for_broker(kafka: KafkaSettings) -> None:
+    """Return once the broker answers; retry with backoff for `startup_timeout_s`, then
+    raise ConfigError naming the address, the cause and what to change."""
+    deadline = time.monotonic() + kafka.startup_timeout_s
+    delay, cause = 0.5, "no answer"
+    while True:
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=kafka.bootstrap_servers,
+            request_timeout_ms=min(kafka.request_timeout_ms, 5000),
+        )
+        try:
+            await admin.start()
+            await admin.list_topics()
+        except (KafkaError, OSError) as exc:
+            cause = type(exc).__name__
+        else:
+            return
+        finally:
+            with contextlib.suppress(KafkaError, OSError):
+                await admin.close()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ConfigError(
+                f"the broker at {kafka.bootstrap_servers} is unreachable ({cause}) after "
+                f"{kafka.startup_timeout_s:g}s: check GATEWAY_KAFKA__BOOTSTRAP_SERVERS "
+                "(or start a local one with `gateway dev up`)"
+            )
+        log.warning(
+            "broker_waiting",
+            extra={"broker": kafka.bootstrap_servers, "error": cause, "left_s": round(left)},
+        )
+        await asyncio.sleep(min(delay, left))
+        delay = min(delay * 2, 5.0)
+
+
 class Gateway:
     """All components of one replica; `start()` then `wait()`; `stop()` is idempotent.
 
@@ -102,11 +140,20 @@ class Gateway:
         self.metrics = Metrics(settings.max_tenant_series)
         self.history = TerminalHistory(settings.history_size)
         self.tracker = OffsetTracker()
+        kafka = settings.kafka
+        self.broker = BrokerHealth(
+            kafka.bootstrap_servers, unreachable_after_s=kafka.unreachable_after_s
+        )
+        # Slept through the group's session (minus a heartbeat, to be safe): fenced.
+        self.loop_watch = LoopWatch((kafka.session_timeout_ms - kafka.heartbeat_interval_ms) / 1000)
+        self._watch_task: asyncio.Task[None] | None = None
         self.outbox = Outbox(
-            settings.kafka,
+            kafka,
             self.supervisor,
-            client_id=f"{settings.kafka.client_id}-producer",
+            client_id=f"{kafka.client_id}-producer",
             on_fatal=self.fail,
+            health=self.broker,
+            fence=self.loop_watch.fenced,
         )
         self.secrets = (
             SecretStore(settings.vault, supervisor=self.supervisor)
@@ -155,6 +202,7 @@ class Gateway:
             pools=self.pools,
             supervisor=self.supervisor,
             metrics=self.metrics,
+            fence=self.loop_watch.fenced,
         )
         self.intake.on_assignment(self._on_assignment)
         self.shares = ShareBook(
@@ -178,6 +226,7 @@ class Gateway:
             PoolCollector(self.pools.snapshot, self.intake.lag, self.metrics.tenant)
         )
         self.metrics.add_collector(VaultCollector(self._vault_stats))
+        self.metrics.add_collector(BrokerCollector(lambda: self.broker.up))
         # Extra conditions for GET /readyz (e.g. Vault reachable or its cache warm).
         self.readiness_checks: list[ReadinessCheck] = []
         if self.secrets is not None:
@@ -210,6 +259,8 @@ class Gateway:
         self._stopping = False
         self._failed = False
         self.exit_code = 0
+        # Why the start failed, in one line (for the command line).
+        self.failure: str | None = None
 
     def _vault_stats(self) -> tuple[VaultStats, bool] | None:
         store = self.secrets
@@ -314,6 +365,9 @@ class Gateway:
             reasons.append("stopping")
         if self.intake.fetch_problem is not None:
             reasons.append(f"fetching fails: {self.intake.fetch_problem}")
+        down = self.broker.down_for()
+        if down > self.settings.kafka.not_ready_after_s:
+            reasons.append(f"broker unreachable for {down:.0f}s")
         if not self._assigned_once:
             reasons.append("partitions not assigned yet")
         if not self.finished.caught_up.is_set():
@@ -334,6 +388,18 @@ class Gateway:
 
     def _on_assignment(self, assigned: set[Hashable]) -> None:
         self._assigned_once = True
+
+    async def _watch(self) -> None:
+        """Every quarter second: notice a stalled loop (fenced), declare broker outages."""
+        self.loop_watch.reset()
+        while True:
+            gap = self.loop_watch.tick()
+            if self.loop_watch.fenced():
+                self.fail(ReplicaFenced("slept through the consumer-group session"))
+            elif gap > 1.0:
+                self.broker.skip(gap)  # not an outage: this process was not running
+            self.broker.check()
+            await asyncio.sleep(0.25)
 
     async def _share_quotas(self) -> None:
         """Every `demand_interval_s`: report this replica's demand, read the others',
@@ -360,7 +426,20 @@ class Gateway:
 
     def fail(self, exc: BaseException) -> None:
         """A fatal error: stop with a non-zero exit; unfinished work is redelivered."""
-        log.error("fatal_error", extra={"error": type(exc).__name__})
+        if self._failed:
+            return
+        if isinstance(exc, ReplicaFenced):
+            log.error(
+                "replica_fenced",
+                extra={
+                    "stalled_s": round(self.loop_watch.fenced_after or 0.0, 1),
+                    "hint": "the process did not run for longer than the session timeout; "
+                    "its partitions belong to others now, so it writes and commits nothing "
+                    "more and exits (its unfinished work is redelivered to them)",
+                },
+            )
+        else:
+            log.error("fatal_error", extra={"error": type(exc).__name__})
         self._failed = True
         self.exit_code = 1
         self.request_stop()
@@ -382,8 +461,10 @@ class Gateway:
             await self.secrets.start()
         elif any(tenant.secret_paths for tenant in self._catalog):
             log.warning("vault_not_configured", extra={"hint": "set GATEWAY_VAULT__TOKEN"})
+        await wait_for_broker(self.settings.kafka)
         if self.settings.kafka.create_topics:
             await ensure_topics(self.settings.kafka, self.settings.topics)
+        self._watch_task = self.supervisor.spawn(self._watch(), "gateway:watch")
         await self.outbox.start()
         await self.finished.start()
         await self.control.start()
@@ -445,6 +526,7 @@ class Gateway:
         steps += [
             ("reloader", self.reloader.stop),
             ("shares", lambda: self.supervisor.cancel(self._share_task)),
+            ("watch", lambda: self.supervisor.cancel(self._watch_task)),
             ("intake", self.intake.stop_fetching),
             ("admission", self.admission.stop),
             ("pools", lambda: self.pools.stop(grace)),
@@ -466,6 +548,12 @@ class Gateway:
         log.info("gateway_stopped", extra={"exit_code": self.exit_code})
 
 
+def _exit_overdue(bound_s: float) -> None:
+    log.error("shutdown_overdue", extra={"after_s": bound_s})
+    logging.shutdown()
+    os._exit(1)
+
+
 def dump_tasks() -> None:
     """SIGUSR1: every asyncio task and the chain of awaits it is suspended in, on stderr,
     for an operator asking where a process is stuck (code locations only: no values,
@@ -484,8 +572,9 @@ def dump_tasks() -> None:
     sys.stderr.flush()
 
 
-async def run_gateway(settings: Settings) -> int:
-    """`gateway run`: start, serve until SIGTERM/SIGINT, stop in order; a 2nd signal exits."""
+async def run_gateway(settings: Settings) -> tuple[int, str | None]:
+    """`gateway run`: start, serve until SIGTERM/SIGINT, stop in order; a 2nd signal exits.
+    Returns the exit code and, when the start failed, why (one line)."""
     # Before anything holds a secret: the API process (same user) must not be able to
     # read this process's memory or environment.
     make_undumpable()
@@ -508,14 +597,32 @@ async def run_gateway(settings: Settings) -> int:
     loop.add_signal_handler(signal.SIGHUP, gateway.reloader.reload)
     loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
     try:
-        await gateway.start()
-        tune_gc(settings)
-        await gateway.wait()
+        # Start as a task: a SIGTERM during start-up (joining the group, waiting for the
+        # broker) cancels it and goes straight to the shutdown.
+        starting = asyncio.create_task(gateway.start(), name="gateway:start")
+        stopping = asyncio.create_task(gateway.wait(), name="gateway:wait")
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            log.info("start_interrupted")
+            await cancel_and_wait(starting)
+        else:
+            starting.result()  # raises what the start raised
+            tune_gc(settings)
+            await stopping
+        stopping.cancel()
     except GatewayError as exc:
-        log.exception("start_failed", extra={"error": str(exc)})
+        # One line, no traceback: the message names what is wrong and what to change.
+        log.error("start_failed", extra={"error": str(exc)})
+        gateway.failure = str(exc)
         gateway.exit_code = 1
     finally:
+        # Whatever happens in the shutdown, the process ends within its bound.
+        bound = settings.shutdown_grace_s + settings.kafka.produce_timeout_s + 10.0
+        deadline = threading.Timer(bound, _exit_overdue, args=(bound,))
+        deadline.daemon = True
+        deadline.start()
         await gateway.stop()
+        deadline.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
-    return gateway.exit_code
+    return gateway.exit_code, gateway.failure

@@ -51,6 +51,12 @@ class KafkaSettings(BaseModel):
     # The broker's limit on one record (message.max.bytes): nothing the gateway writes
     # is larger; a result that would be becomes a `result_too_large` failure.
     max_request_bytes: int = Field(default=1_048_576, ge=65_536)
+    # At start, how long to keep trying to reach the broker (pods often start first).
+    startup_timeout_s: float = Field(default=60.0, gt=0)
+    # No write acknowledged for this long: the broker is declared unreachable (one log
+    # line, gateway_broker_up 0); for `not_ready_after_s`: /readyz answers 503.
+    unreachable_after_s: float = Field(default=5.0, gt=0)
+    not_ready_after_s: float = Field(default=10.0, gt=0)
     # Topics the gateway creates at start when missing (Tansu and dev clusters need it).
     create_topics: bool = True
     partitions: int = Field(default=4, ge=1)
@@ -102,6 +108,8 @@ class VaultSettings(BaseModel):
     # How often the gateway checks its own token (renewing it at a third of its TTL).
     renew_check_s: float = Field(default=60.0, gt=0)
     max_workers: int = Field(default=8, ge=1)
+    # At start, how long to keep trying to reach Vault.
+    startup_timeout_s: float = Field(default=60.0, gt=0)
     enabled: bool = True
 
     @property

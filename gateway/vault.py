@@ -155,6 +155,7 @@ class SecretStore:
         self._inflight: dict[tuple[str, str], asyncio.Task[Mapping[str, str]]] = {}
         self._outage_since: float | None = None
         self._last_ok: float | None = None
+        self._last_error = "no answer"
         self._renewer: asyncio.Task[None] | None = None
         self.stats = VaultStats()
 
@@ -166,12 +167,27 @@ class SecretStore:
         Vault being unreachable is not fatal (jobs retry until it answers); Vault
         refusing the gateway's credentials is.
         """
-        try:
-            await self._authenticate()
-        except SecretsUnavailable:
-            log.error(  # no traceback: hvac's text is not ours to log
-                "vault_unreachable_at_start", extra={"addr": self._settings.addr}
-            )
+        settings = self._settings
+        deadline = self._clock() + settings.startup_timeout_s
+        delay = 0.5
+        while True:
+            try:
+                await self._authenticate()
+                break
+            except SecretsUnavailable:
+                left = deadline - self._clock()
+                if left <= 0:
+                    raise ConfigError(
+                        f"Vault at {settings.addr} is unreachable ({self._last_error}) after "
+                        f"{settings.startup_timeout_s:g}s: check GATEWAY_VAULT__ADDR (or start "
+                        "a local one with `gateway dev up`)"
+                    ) from None
+                log.warning(
+                    "vault_waiting",
+                    extra={"addr": settings.addr, "error": self._last_error, "left_s": round(left)},
+                )
+                await asyncio.sleep(min(delay, left))
+                delay = min(delay * 2, 5.0)
         self._renewer = self._supervisor.spawn(self._keep_alive(), "gateway:vault-renew")
 
     async def stop(self) -> None:
@@ -438,9 +454,13 @@ class SecretStore:
     def _unavailable(self, exc: BaseException) -> NoReturn:
         now = self._clock()
         self.stats.failures += 1
+        self._last_error = type(exc).__name__
         if self._outage_since is None:
             self._outage_since = now
-            log.warning("vault_unavailable", extra={"error": type(exc).__name__})
+            log.warning(
+                "vault_unreachable",
+                extra={"addr": self._settings.addr, "error": self._last_error},
+            )
         down_for = now - self._outage_since
         retry_after = min(30.0, max(1.0, down_for / 2))
         raise SecretsUnavailable(retry_after_s=retry_after) from None
@@ -448,8 +468,11 @@ class SecretStore:
     def _mark_ok(self) -> None:
         if self._outage_since is not None:
             log.warning(
-                "vault_available_again",
-                extra={"down_s": round(self._clock() - self._outage_since, 3)},
+                "vault_recovered",
+                extra={
+                    "addr": self._settings.addr,
+                    "down_s": round(self._clock() - self._outage_since, 1),
+                },
             )
             self._outage_since = None
         self._last_ok = self._clock()

@@ -186,3 +186,34 @@ async def test_sigterm_with_long_jobs_exits_within_grace_and_loses_nothing(
     assert all(seen[i] == 1 for i in ids)
     second.signal(signal.SIGTERM)
     assert second.wait(30) == 0
+
+
+async def test_a_replica_that_slept_through_its_session_writes_nothing_and_exits(
+    settings: Settings, client: JobClient, gateway_process: Any
+) -> None:
+    # SIGSTOP for longer than the session timeout: the group drops the replica and its
+    # partitions belong to others. On waking, it must not publish what it was running
+    # (another replica may have run those jobs): it says so and exits non-zero.
+    frozen = gateway_process(settings, "frozen")
+    frozen.start()
+    ids = {f"z{n}" for n in range(300)}
+    for n in range(300):
+        await client.job("acme" if n % 2 else "initech", f"z{n}", "sleep", seconds=0.05)
+    await client.flush()
+    await wait_for(lambda: _progress(settings, 20), 60)
+    frozen.signal(signal.SIGSTOP)
+    await asyncio.sleep(settings.kafka.session_timeout_ms / 1000 + 3)
+    stopped_results = len(await read_topic(settings, settings.topics.results, timeout_s=2))
+    frozen.signal(signal.SIGCONT)
+    assert frozen.wait(30) == 1
+    events = [line.get("event") for line in frozen.log_lines()]
+    assert "replica_fenced" in events
+    # Nothing it was running got out after it woke.
+    after = len(await read_topic(settings, settings.topics.results, timeout_s=2))
+    assert after == stopped_results
+    successor = gateway_process(settings, "successor")
+    successor.start()
+    seen = await wait_all_results(settings, ids, 120)
+    assert sum(count - 1 for count in seen.values()) == 0, "a job got two results"
+    successor.signal(signal.SIGTERM)
+    assert successor.wait(30) == 0
