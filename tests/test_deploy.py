@@ -933,6 +933,21 @@ def test_every_alert_has_a_playbook_a_severity_and_a_unit_test() -> None:
         assert anchor in anchors, f"RUNBOOK.md has no section {rule['alert']}"
 
 
+@pytest.mark.parametrize("document", [RUNBOOK, DEPLOY / "README.md"], ids=lambda p: p.name)
+def test_the_docs_links_resolve(document: Path) -> None:
+    """Relative links of the runbook and the index: the file exists, and so does the section."""
+    links = re.findall(r"\]\(([^)\s]+)\)", document.read_text())
+    assert links
+    for link in links:
+        if "://" in link:
+            continue
+        path, _, anchor = link.partition("#")
+        target = (document.parent / path).resolve() if path else document
+        assert target.exists(), link
+        if anchor:
+            assert anchor in _anchors(target.read_text()), link
+
+
 def _promtool() -> str:
     found = shutil.which("promtool") or str(ROOT / ".venv" / "bin" / "promtool")
     if not Path(found).is_file():
