@@ -248,6 +248,26 @@ def test_no_secret_in_a_configmap_or_compose_literal() -> None:
     assert token.startswith("${GATEWAY_OPS__TOKEN")
 
 
+def test_compose_services_wait_for_setup_and_publish_on_loopback_only() -> None:
+    services = _compose()["services"]
+    conditions = {"service_started", "service_healthy", "service_completed_successfully"}
+    for name, service in services.items():
+        for other, when in (service.get("depends_on") or {}).items():
+            assert other in services, (name, other)
+            assert when["condition"] in conditions, (name, other)
+            if when["condition"] == "service_healthy":
+                assert "healthcheck" in services[other], other
+        for port in service.get("ports", []):
+            assert port.startswith("127.0.0.1:"), (name, port)
+    for name in ("gateway-1", "gateway-2"):
+        waits = services[name]["depends_on"]
+        assert waits["topics"]["condition"] == "service_completed_successfully"
+        assert waits["vault-bootstrap"]["condition"] == "service_completed_successfully"
+        published = {p.rsplit(":", 1)[1] for p in services[name]["ports"]}
+        assert published == {"8080", "9464"}  # the tenant API and the ops listener
+        assert services[name]["environment"]["GATEWAY_KAFKA__CREATE_TOPICS"] == "false"
+
+
 def test_unknown_names_are_detected() -> None:
     assert _setting_exists("GATEWAY_KAFKA__GROUP_ID")
     assert not _setting_exists("GATEWAY_KAFKA__GROUPID")
