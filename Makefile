@@ -13,7 +13,7 @@ PYRALLEL_STAMP := $(PYRALLEL_VENV)/.installed
 # (a pyenv shim on PATH may not run, so each candidate is tried).
 PYTHON312 ?= $(shell for p in python3.12 $$(ls -d $$(pyenv root 2>/dev/null || echo $$HOME/.pyenv)/versions/3.12*/bin/python3.12 2>/dev/null | sort -rV); do $$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && { command -v $$p; break; }; done)
 
-.PHONY: demo test test-fast lint typecheck bench bench-quick bench-env clean
+.PHONY: demo test test-fast lint typecheck bench bench-quick bench-env clean promtool
 
 $(STAMP): requirements/runtime.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,10 +63,36 @@ test: $(DEV_STAMP)
 test-fast: $(DEV_STAMP)
 	$(BIN)/python -m pytest -m "not integration" -q
 
-lint: $(DEV_STAMP)
-	$(BIN)/ruff check gateway tests bench examples
-	$(BIN)/ruff format --check gateway tests bench examples
-	$(BIN)/mypy gateway examples
+# promtool (from Debian's `prometheus` package) checks and unit-tests the alerting rules in
+# deploy/prometheus: the one on PATH, else $(BIN)/promtool, which `make promtool` unpacks
+# from the package (`apt-get download`: no service installed or started). Where it
+# cannot be had, lint says so and skips the rule checks; with promtool, broken rules fail.
+PROMTOOL := $(shell command -v promtool 2>/dev/null || echo $(BIN)/promtool)
+
+promtool: $(STAMP)
+	@if [ -x "$(PROMTOOL)" ]; then exit 0; fi; \
+	tmp=$$(mktemp -d); \
+	( cd $$tmp \
+	  && { apt-cache show prometheus >/dev/null 2>&1 \
+	       || { [ "$$(id -u)" = 0 ] && timeout 300 apt-get update -qq >/dev/null 2>&1; } || true; } \
+	  && timeout 300 apt-get download -qq prometheus >/dev/null 2>&1 \
+	  && dpkg-deb -x prometheus_*.deb unpacked \
+	  && cp unpacked/usr/bin/promtool $(CURDIR)/$(BIN)/promtool ) \
+	  && echo "promtool: unpacked from Debian's prometheus package into $(BIN)/promtool" \
+	  || echo "promtool: could not fetch Debian's prometheus package (apt-get download prometheus); alert rule checks will be skipped"; \
+	rm -rf $$tmp
+
+lint: $(DEV_STAMP) promtool
+	$(BIN)/ruff check gateway tests bench examples deploy
+	$(BIN)/ruff format --check gateway tests bench examples deploy
+	$(BIN)/mypy gateway examples deploy/scripts deploy/sync.py
+	@if [ -x "$(PROMTOOL)" ]; then \
+		echo "$(PROMTOOL) check rules / test rules (deploy/prometheus)"; \
+		$(PROMTOOL) check rules deploy/prometheus/alerts.yaml \
+		&& $(PROMTOOL) test rules deploy/prometheus/alerts_test.yaml; \
+	else \
+		echo "promtool not available: alert rule checks skipped (make promtool)"; \
+	fi
 
 # Benchmarks print their figures; they are never part of `make test`.
 bench: $(DEV_STAMP) bench-env
