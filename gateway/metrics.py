@@ -134,6 +134,11 @@ class Metrics:
         self.commit_failures = Counter(
             "gateway_commit_failures", "Offset commits the broker refused.", registry=registry
         )
+        self.api_process_restarts = Counter(
+            "gateway_api_process_restarts",
+            "Times the API process exited and was started again.",
+            registry=registry,
+        )
         self.error_code = _Bounded(100)
         self.node_name = _Bounded(200)
         self.tenant = TenantLabels(max_tenant_series)

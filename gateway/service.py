@@ -66,7 +66,11 @@ ReadinessCheck = Callable[[], Awaitable[str | None]]
 
 
 async def ensure_topics(kafka: KafkaSettings, topics: TopicSettings) -> None:
-    """Create any missing contract topic (clusters without auto-create, and Tansu)."""
+    """Create any missing contract topic (clusters without auto-create, and Tansu).
+
+    `jobs.control` is compacted: it holds the latest pause, cancel and redrive state of
+    each subject, which must outlive any time-based retention. Production clusters
+    create topics with deploy/scripts/create_topics.py (replication, retention)."""
     admin = AIOKafkaAdminClient(
         bootstrap_servers=kafka.bootstrap_servers, request_timeout_ms=kafka.request_timeout_ms
     )
@@ -75,7 +79,18 @@ async def ensure_topics(kafka: KafkaSettings, topics: TopicSettings) -> None:
         existing = set(await admin.list_topics())
         missing = [t for t in topics.all() if t not in existing]
         if missing:
-            await admin.create_topics([NewTopic(name, kafka.partitions, 1) for name in missing])
+            compacted = {"cleanup.policy": "compact"}
+            await admin.create_topics(
+                [
+                    NewTopic(
+                        name,
+                        kafka.partitions,
+                        1,
+                        topic_configs=compacted if name == topics.control else None,
+                    )
+                    for name in missing
+                ]
+            )
             log.info("topics_created", extra={"topics": missing})
     finally:
         await admin.close()

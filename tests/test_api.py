@@ -792,6 +792,8 @@ async def test_api_process_is_restarted_after_it_dies(live: Live) -> None:
     os.environ["GATEWAY_VAULT__TOKEN"] = sentinel
     os.kill(killed, signal.SIGKILL)
     await wait_for(lambda: api.restarts == 1 and api.pid not in (None, killed), 20)
+    restarts = live.gateway.metrics.registry.get_sample_value("gateway_api_process_restarts_total")
+    assert restarts == 1
     async with httpx.AsyncClient(
         base_url=f"http://127.0.0.1:{live.gateway.http_port}", timeout=10
     ) as fresh:

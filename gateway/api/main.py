@@ -44,6 +44,7 @@ from gateway.api.httpserver import HttpServer
 from gateway.api.ops import DlqCollector, OpsApi
 from gateway.api.statusview import StatusView
 from gateway.api.tenant import TenantApi
+from gateway.api.timing import RequestTimer, request_histogram
 from gateway.observability import configure_logging
 from gateway.outbox import Outbox
 from gateway.process import tune_gc
@@ -178,11 +179,13 @@ async def _serve(tenant_fd: int, ops_fd: int, channel_fd: int) -> int:
         admin=admin,
     )
     servers: list[tuple[HttpServer, int]] = []
+    durations = request_histogram(registry)
     if tenant_fd >= 0:
-        tenant_server = HttpServer(tenant_api.app(), settings.http, supervisor, name="http")
-        servers.append((tenant_server, tenant_fd))
+        tenant_app = RequestTimer(tenant_api.app(), durations, "tenant")
+        servers.append((HttpServer(tenant_app, settings.http, supervisor, name="http"), tenant_fd))
     if ops_fd >= 0:
-        servers.append((HttpServer(ops_api.app(), settings.http, supervisor, name="ops"), ops_fd))
+        ops_app = RequestTimer(ops_api.app(), durations, "ops")
+        servers.append((HttpServer(ops_app, settings.http, supervisor, name="ops"), ops_fd))
 
     async def listen() -> None:
         # Read until the gateway closes the channel: replies to calls still under way

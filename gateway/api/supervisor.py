@@ -283,6 +283,7 @@ class ApiProcess:
                 self._proc = None
                 continue
             self.restarts += 1
+            self._metrics.api_process_restarts.inc()
             log.warning("api_process_restarted", extra={"pid": self.pid, "restarts": self.restarts})
 
     async def _close_channel(self) -> None:
