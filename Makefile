@@ -13,7 +13,7 @@ PYRALLEL_STAMP := $(PYRALLEL_VENV)/.installed
 # (a pyenv shim on PATH may not run, so each candidate is tried).
 PYTHON312 ?= $(shell for p in python3.12 $$(ls -d $$(pyenv root 2>/dev/null || echo $$HOME/.pyenv)/versions/3.12*/bin/python3.12 2>/dev/null | sort -rV); do $$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && { command -v $$p; break; }; done)
 
-.PHONY: demo test test-fast lint typecheck bench bench-quick bench-env clean promtool
+.PHONY: demo test test-fast lint typecheck bench bench-quick bench-env clean promtool chaos
 
 $(STAMP): requirements/runtime.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,14 @@ test: $(DEV_STAMP)
 # The tests that need no broker and no Vault (pure logic, parsing, the API app): ~30 s.
 test-fast: $(DEV_STAMP)
 	$(BIN)/python -m pytest -m "not integration" -q
+
+# The fault-injection suite (tests/chaos, marker `chaos`): never part of `make test`.
+# One verdict line per scenario and a summary table at the end, also written to
+# bench/results/chaos.json. CHAOS_SOAK_S sets the soak's length (default 30 minutes).
+CHAOS_SOAK_S ?= 1800
+chaos: $(DEV_STAMP)
+	CHAOS_SOAK_S=$(CHAOS_SOAK_S) CHAOS_RESULTS=bench/results/chaos.json \
+		$(BIN)/python -m pytest -m chaos tests/chaos
 
 # promtool (from Debian's `prometheus` package) checks and unit-tests the alerting rules in
 # deploy/prometheus: the one on PATH, else $(BIN)/promtool, which `make promtool` unpacks
