@@ -279,6 +279,7 @@ class ChaosCluster:
     vault: bool = False
     tenants: dict[str, dict[str, float]] | None = None  # None: the shipped catalog
     restart_on_exit: bool = True
+    ops: bool = False  # replicas serve their operators' listener (metrics, /readyz)
     settings_overrides: dict[str, Any] = field(default_factory=dict)
     env_overrides: dict[str, str] = field(default_factory=dict)
     sample_interval_s: float = 1.0
@@ -345,9 +346,10 @@ class ChaosCluster:
         assert self.settings is not None, "start() the cluster first"
         return {**settings_env(self.settings), **self.env_overrides, **extra}
 
-    def add_replica(self, *, ops: bool = False, **extra_env: str) -> Replica:
+    def add_replica(self, *, ops: bool | None = None, **extra_env: str) -> Replica:
         """Start one more `gateway run` (with the operators' listener on a free port when
-        `ops`)."""
+        `ops`, by default the cluster's `ops`)."""
+        ops = self.ops if ops is None else ops
         self._count += 1
         name = f"gw{self._count}"
         if ops:

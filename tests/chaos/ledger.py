@@ -190,11 +190,20 @@ class ResultTail:
             await asyncio.sleep(0.1)
         return True
 
-    async def wait_all(self, ids: set[str] | dict[str, Any], timeout_s: float) -> bool:
-        """Until every id has a result; False on timeout."""
+    async def wait_all(
+        self, ids: set[str] | dict[str, Any], timeout_s: float, stall_s: float | None = None
+    ) -> bool:
+        """Until every id has a result; False on timeout, or once no result at all came
+        for `stall_s` while some are missing (the cluster stalled)."""
         deadline = time.monotonic() + timeout_s
+        last_count, last_progress = self.count(), time.monotonic()
         while self.missing(ids):
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
+                return False
+            if self.count() != last_count:
+                last_count, last_progress = self.count(), now
+            elif stall_s is not None and now - last_progress > stall_s:
                 return False
             await asyncio.sleep(0.25)
         return True

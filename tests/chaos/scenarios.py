@@ -130,7 +130,7 @@ async def begin(
     *,
     replicas: int,
     mix: Mix = DEFAULT_MIX,
-    ops: bool = False,
+    ops: bool = True,
     vault: bool = False,
     tenants: dict[str, dict[str, float]] | None = None,
     settings: dict[str, Any] | None = None,
@@ -145,6 +145,7 @@ async def begin(
         vault=vault,
         tenants=tenants if tenants is not None or vault else CHAOS_TENANTS,
         restart_on_exit=restart_on_exit,
+        ops=ops,
         settings_overrides={**CHAOS_SETTINGS, **(settings or {})},
     )
     result = ScenarioResult(name)
@@ -155,7 +156,7 @@ async def begin(
     tail = ResultTail(settings_)
     run = Run(name, cluster, load, tail, result)
     try:
-        started = [cluster.add_replica(ops=ops) for _ in range(replicas)]
+        started = [cluster.add_replica() for _ in range(replicas)]
         await cluster.wait_ready(started)
         await load.start()
         await tail.start()
@@ -176,6 +177,7 @@ async def finish(
     *,
     drain_timeout_s: float,
     duplicate_bound: int,
+    stall_s: float = 60.0,
     expect_status: dict[str, set[str]] | None = None,
     allowed_dlq: set[str] | None = None,
     allowed_exit_codes: dict[str, set[int | None]] | None = None,
@@ -259,14 +261,35 @@ async def finish(
     return ledger
 
 
+async def stall_diagnostics(run: Run) -> None:
+    """What each live replica holds when jobs are missing: its tenants' queued and
+    running gauges and its consumer lag (from its operators' listener), as notes."""
+    for replica in run.cluster.live():
+        page = await run.cluster.scrape(replica, "/metrics")
+        if page is None:
+            run.result.note(f"{replica.name}: no /metrics to diagnose the stall")
+            continue
+        held = [
+            line.replace("gateway_tenant_", "")
+            for gauge in ("gateway_tenant_queued", "gateway_tenant_running")
+            for line in page[1].splitlines()
+            if line.startswith(gauge + "{") and not line.endswith(" 0.0")
+        ]
+        lag = sum(metric_values(page[1], "gateway_consumer_lag"))
+        run.result.note(
+            f"{replica.name} at the stall: {', '.join(held) or 'nothing held'}; lag {lag:.0f}"
+        )
+
+
 def count_events(replica: Replica, event: str, start: float, end: float) -> int:
     return sum(1 for line in replica.log_lines(event) if start <= float(line.get("ts", 0)) <= end)
 
 
 def client_log_rate(replica: Replica, start: float, end: float) -> tuple[int, int]:
-    """aiokafka log lines in [start, end]: the total, and the most in any one second."""
+    """Client library log lines in [start, end] (aiokafka's own, and the API process's
+    forwarded as `api_log`): the total, and the most in any one second."""
     per_second: Counter[int] = Counter()
-    for line in replica.log_lines(loggers=("aiokafka", "kafka")):
+    for line in replica.log_lines("api_log", loggers=("aiokafka", "kafka")):
         ts = float(line.get("ts", 0))
         if start <= ts <= end:
             per_second[int(ts)] += 1
@@ -529,10 +552,11 @@ async def kill_loop(
     kills: int = 10,
     jobs: int = 30000,
     rate: float = 400,
+    ops: bool = True,
 ) -> ScenarioResult:
     """`jobs` mixed jobs produced at `rate`/s; `kills` SIGKILLs at random moments over
     the run, each time on a random replica which is replaced at once."""
-    run = await begin(name, workdir, replicas=replicas, restart_on_exit=False)
+    run = await begin(name, workdir, replicas=replicas, restart_on_exit=False, ops=ops)
     try:
         duration = jobs / rate
         rng = random.Random()
@@ -798,7 +822,7 @@ async def soak(
                 victims = [r for r in cluster.live() if r is not anchor]
                 if victims:
                     victims[0].kill(why="soak: SIGKILL")
-                    cluster.add_replica(ops=True)
+                    cluster.add_replica()
             heal_at = cluster.event(f"soak fault {fault} healed")
         await producer
         run.heal_at = heal_at

@@ -34,6 +34,8 @@ async def test_broker_cut_5s_loses_nothing(tmp_path: Path) -> None:
 @pytest.mark.timeout(120)
 async def test_one_sigkill_loses_nothing(tmp_path: Path) -> None:
     result = record(
-        await kill_loop(tmp_path, name="short_sigkill", replicas=1, kills=1, jobs=2500, rate=400)
+        await kill_loop(
+            tmp_path, name="short_sigkill", replicas=1, kills=1, jobs=2500, rate=400, ops=False
+        )
     )
     assert result.verdict == "PASS", result.failures
