@@ -190,11 +190,13 @@ async def finish(
     """
     result, cluster = run.result, run.cluster
     produced = run.load.produced
-    drained = await run.tail.wait_all(produced, drain_timeout_s)
+    drained = await run.tail.wait_all(produced, drain_timeout_s, stall_s=stall_s)
     if not drained:
         result.note(
-            f"not drained within {drain_timeout_s:.0f}s: {run.tail.missing(produced)} without a result then"
+            f"not drained: {run.tail.missing(produced)} jobs without a result after "
+            f"{drain_timeout_s:.0f}s, or {stall_s:.0f}s without any new result"
         )
+        await stall_diagnostics(run)
     if run.probe is not None:
         await run.probe.stop()
     if run.watch is not None:
