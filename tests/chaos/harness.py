@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import ctypes
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -88,6 +89,12 @@ def write_tenants(directory: Path, tenants: dict[str, dict[str, float]]) -> Path
         text = _TENANT.format(id=tenant, rate=float(quota["rate"]), **counts)
         (directory / f"{tenant}.toml").write_text(text)
     return directory
+
+
+def gateway_env_from(text: str) -> dict[str, str]:
+    """`NAME=VALUE NAME=VALUE` (as in `$CHAOS_GATEWAY_ENV`) as a mapping."""
+    pairs = (item.partition("=") for item in text.split())
+    return {name: value for name, _, value in pairs if name}
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -281,7 +288,11 @@ class ChaosCluster:
     restart_on_exit: bool = True
     ops: bool = False  # replicas serve their operators' listener (metrics, /readyz)
     settings_overrides: dict[str, Any] = field(default_factory=dict)
-    env_overrides: dict[str, str] = field(default_factory=dict)
+    # Extra environment for every replica: `$CHAOS_GATEWAY_ENV` ("NAME=VALUE ..."), to try
+    # a setting across the whole suite.
+    env_overrides: dict[str, str] = field(
+        default_factory=lambda: gateway_env_from(os.environ.get("CHAOS_GATEWAY_ENV", ""))
+    )
     sample_interval_s: float = 1.0
 
     def __post_init__(self) -> None:

@@ -228,6 +228,8 @@ async def finish(
         last = ledger.last_after(run.heal_at)
         result.recovery_drained_s = round(last, 2) if last is not None else None
     result.details["ledger"] = ledger.summary()
+    if cluster.env_overrides:
+        result.note(f"replicas ran with {cluster.env_overrides}")
     result.details["failed_sends"] = run.load.failed_sends
     result.details["peak_job_rss_mib"] = round(cluster.peak_job_rss_mib(), 1)
     result.details["events"] = [(round(t, 3), what) for t, what in cluster.events]
