@@ -134,6 +134,7 @@ class Replica:
         self.expected_exit: str | None = None  # why the scenario ended it
         self.exit_seen = False  # the watcher handled its end
         self.frozen = False
+        self._ops_port: int | None = None
 
     def __repr__(self) -> str:
         return f"Replica({self.name}, pid={self.pid})"
@@ -271,11 +272,14 @@ class Replica:
         return found[-limit:]
 
     def ops_port(self) -> int | None:
-        """The operators' listener port, from the last `ops_started` line."""
-        port = None
-        for line in self.log_lines("ops_started"):
-            port = line.get("port")
-        return int(port) if port else None
+        """The operators' listener port, from the first `ops_started` line (the API
+        process keeps the port the job process bound, even when it is restarted)."""
+        if self._ops_port is None and self.env.get("GATEWAY_OPS__ENABLED") == "true":
+            for line in self.log_lines("ops_started"):
+                if line.get("port"):
+                    self._ops_port = int(line["port"])
+                    break
+        return self._ops_port
 
 
 @dataclass

@@ -28,6 +28,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from gateway.kafka import stop_consumer
 from gateway.settings import Settings
 
 from .load import JobSpec
@@ -122,7 +123,7 @@ async def read_all(settings: Settings, topic: str, timeout_s: float = 120.0) -> 
                 records.extend(batch)
         raise TimeoutError(f"{topic}: not read to its end within {timeout_s}s")
     finally:
-        await consumer.stop()
+        await stop_consumer(consumer)
 
 
 class ResultTail:
@@ -172,7 +173,7 @@ class ResultTail:
                 await self._task
             self._task = None
         if self._consumer is not None:
-            await self._consumer.stop()
+            await stop_consumer(self._consumer)
             self._consumer = None
 
     def count(self) -> int:
@@ -367,5 +368,5 @@ class OffsetWatch:
                 await self._task
             self._task = None
         if self._consumer is not None:
-            await self._consumer.stop()
+            await stop_consumer(self._consumer)
             self._consumer = None

@@ -113,14 +113,24 @@ class Run:
     began: float = field(default_factory=time.monotonic)
     heal_at: float | None = None  # time.time() of the (last) heal
 
+    async def stop_helpers(self) -> None:
+        """Stop the probe, the offset watch, the tail and the load generator, each
+        bounded (a client stuck in a broker fault must not hold the scenario)."""
+        helpers = [
+            self.probe.stop() if self.probe else None,
+            self.watch.stop() if self.watch else None,
+        ]
+        for stop in [*helpers, self.tail.stop(), self.load.stop()]:
+            if stop is None:
+                continue
+            try:
+                await asyncio.wait_for(stop, 20)
+            except TimeoutError:
+                self.result.note("a harness client did not stop within 20 s")
+
     async def close(self) -> None:
         """Stop the helpers and the cluster, whatever happened (idempotent)."""
-        if self.probe is not None:
-            await self.probe.stop()
-        if self.watch is not None:
-            await self.watch.stop()
-        await self.tail.stop()
-        await self.load.stop()
+        await self.stop_helpers()
         await self.cluster.close()
 
 
@@ -197,18 +207,15 @@ async def finish(
             f"{drain_timeout_s:.0f}s, or {stall_s:.0f}s without any new result"
         )
         await stall_diagnostics(run)
-    if run.probe is not None:
-        await run.probe.stop()
-    if run.watch is not None:
-        await run.watch.stop()
-    await run.tail.stop()
-    await run.load.stop()
+    cluster.event("finish: drained" if drained else "finish: not drained")
+    await run.stop_helpers()
     # Stop every live replica; a clean stop is exit code 0.
     live = cluster.live()
     codes = await asyncio.gather(*(r.stop(timeout_s=60, why="end of scenario") for r in live))
     for replica, code in zip(live, codes, strict=True):
         allowed = {0} | (allowed_exit_codes or {}).get(replica.name, set())
         result.check(code in allowed, f"{replica.name} exit code {code} on SIGTERM at the end")
+    cluster.event("finish: replicas stopped")
     assert cluster.settings is not None
     topics = cluster.settings.topics
     records = await read_all(cluster.settings, topics.results)
@@ -228,6 +235,10 @@ async def finish(
         last = ledger.last_after(run.heal_at)
         result.recovery_drained_s = round(last, 2) if last is not None else None
     result.details["ledger"] = ledger.summary()
+    result.details["duplicates_detail"] = {
+        job_id: [(info.ts_ms, info.status, info.attempts) for info in ledger.results[job_id]]
+        for job_id in ledger.duplicate_ids[:10]
+    }
     if cluster.env_overrides:
         result.note(f"replicas ran with {cluster.env_overrides}")
     result.details["failed_sends"] = run.load.failed_sends
@@ -591,9 +602,11 @@ async def kill_loop(
             ledger.longest_gap(kill_times[0]) if kill_times else 0.0, 2
         )
         if gaps:
-            result.recovery_first_s = round(max(gaps), 2)
+            # From the last kill (a kill soon after another one also waits for the
+            # previous replacement: the whole list is in the details).
+            result.recovery_first_s = round(gaps[-1], 2)
         result.note(
-            f"recovery first = worst kill->next result; longest result stall {result.details['longest_stall_s']}s"
+            f"kill->next result {min(gaps, default=0):.1f}-{max(gaps, default=0):.1f}s (recovery first: from the last kill); longest stall without results {result.details['longest_stall_s']}s"
         )
         return result
     finally:
@@ -620,7 +633,10 @@ async def frozen_replica(
         frozen.thaw()
         run.heal_at = run.cluster.event(f"SIGCONT {frozen.name}")
         await producing
-        await asyncio.sleep(3)
+        # On waking it may stop (fenced): give it the failed-stop grace and then some.
+        woke = time.monotonic()
+        while frozen.alive() and time.monotonic() - woke < 30:  # noqa: ASYNC110  # a child process: nothing to await
+            await asyncio.sleep(0.2)
         woke_code = frozen.returncode
         ledger = await finish(
             run,

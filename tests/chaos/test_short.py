@@ -11,7 +11,15 @@ import pytest
 from .report import record
 from .scenarios import broker_cut, kill_loop
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    # aiokafka leaves a socket of a connect attempt unclosed when the proxy refuses it
+    # (the harness's own clients ride out the faults too): not the gateway's, and not a
+    # leak that outlives the scenario.
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+]
 
 
 @pytest.mark.timeout(120)
