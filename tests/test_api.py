@@ -34,11 +34,12 @@ from penguiflow import Headers, Message, Node, NodePolicy
 from pydantic import SecretStr
 from starlette.routing import Route
 
-from gateway.api.channel import Channel, ChannelError, Denied, LogLine
+from gateway.api.channel import ChannelError, Denied, LogLine, open_channel
 from gateway.api.statusview import StatusView
-from gateway.api.supervisor import child_environ, child_settings
+from gateway.api.supervisor import child_settings
 from gateway.api.tenant import TenantApi
 from gateway.catalog import load_catalog
+from gateway.child import child_environ
 from gateway.dev.services import Tansu
 from gateway.flows import FlowGraph, JobContext, JobTypes, builtin_job_types
 from gateway.observability import JsonFormatter
@@ -746,8 +747,8 @@ async def test_the_gateway_reads_only_checked_json_from_the_api_process() -> Non
     # The API process faces the network; a pickle from it (code, if it were loaded) is a
     # bad frame, never unpickled, and so is a deep or unknown message.
     ours, theirs = socket.socketpair()
-    gateway_end = await Channel.open(ours, "gateway")
-    api_end = await Channel.open(theirs, "api")
+    gateway_end = await open_channel(ours, "gateway")
+    api_end = await open_channel(theirs, "api")
     try:
         api_end.send(Denied("acme", "j1", "get", "127.0.0.1:1"))
         assert await gateway_end.receive() == Denied("acme", "j1", "get", "127.0.0.1:1")
