@@ -523,7 +523,9 @@ class Gateway:
            failure), then are cancelled (their records stay uncommitted, redelivered);
         3. wait (bounded by the produce timeout) for the outbox: results, retries,
            deferrals and dead letters already decided;
-        4. commit every finished record and leave the group;
+        4. commit every finished record and leave the group; only then stop watching
+           the loop (a drain may outlast the session timeout: the writers and the
+           commit tell a stall from it by the watch's ticks);
         5. close the cancel listener (it still reached running jobs during the grace),
            the finished-jobs reader and the producer; stop renewing the Vault token;
            end whatever task is left.
@@ -541,12 +543,13 @@ class Gateway:
         steps += [
             ("reloader", self.reloader.stop),
             ("shares", lambda: self.supervisor.cancel(self._share_task)),
-            ("watch", lambda: self.supervisor.cancel(self._watch_task)),
             ("intake", self.intake.stop_fetching),
             ("admission", self.admission.stop),
             ("pools", lambda: self.pools.stop(grace)),
             ("outbox-drain", self._drain_outbox),
             ("commit", self.intake.close),
+            # Only now: the writers and the commit judge a stalled loop by its ticks.
+            ("watch", lambda: self.supervisor.cancel(self._watch_task)),
             ("control", self.control.stop),
             ("finished", self.finished.stop),
             ("outbox", self.outbox.stop),

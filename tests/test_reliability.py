@@ -14,7 +14,7 @@ import pytest
 
 from gateway.settings import Settings
 
-from conftest import JobClient, read_topic, results_by_id, wait_for
+from conftest import JobClient, committed_offsets, read_topic, results_by_id, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -217,3 +217,27 @@ async def test_a_replica_that_slept_through_its_session_writes_nothing_and_exits
     assert sum(count - 1 for count in seen.values()) == 0, "a job got two results"
     successor.signal(signal.SIGTERM)
     assert successor.wait(30) == 0
+
+
+async def test_a_drain_longer_than_the_session_timeout_still_writes_and_commits(
+    settings: Settings, client: JobClient, gateway_process: Any
+) -> None:
+    # The grace may outlast the session timeout: a job that ends late in the drain is
+    # still published and committed, not taken for the work of a replica that slept
+    # through its session (the loop watch ticks until the commit).
+    kafka = settings.kafka.model_copy(
+        update={"session_timeout_ms": 3000, "heartbeat_interval_ms": 300}
+    )
+    configured = settings.model_copy(update={"kafka": kafka, "shutdown_grace_s": 8.0})
+    process = gateway_process(configured, "long-drain")
+    process.start()
+    ids = {f"d{n}" for n in range(4)}
+    for job_id in sorted(ids):
+        await client.job("acme", job_id, "sleep", seconds=5)
+    await client.flush()
+    await read_topic(configured, configured.topics.status, until=4, timeout_s=60)
+    process.signal(signal.SIGTERM)
+    assert process.wait(30) == 0
+    assert await result_ids(configured) == dict.fromkeys(ids, 1)
+    committed = await committed_offsets(configured, configured.topics.jobs)
+    assert sum(offset or 0 for offset in committed.values()) == len(ids)
