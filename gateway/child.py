@@ -32,6 +32,7 @@ __all__ = ["Child", "child_environ"]
 
 _RESTART_BACKOFF_S = (0.5, 30.0)  # first and longest wait before a restart
 _HEALTHY_AFTER_S = 60.0  # a child that ran this long restarts without waiting
+_EXIT_AFTER_CLOSE_S = 1.0  # a child whose channel closed has this long to exit on its own
 _SECRET_ENV_PREFIXES = ("GATEWAY_VAULT__", "VAULT_", "BAO_")
 
 
@@ -95,6 +96,8 @@ class Child:
         self._watch: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._stop_sent = False
+        # The process running when a stop was first asked for (what `stop` reports on).
+        self._asked: asyncio.subprocess.Process | None = None
         self.channel: Channel | None = None
         self.restarts = 0
         self.exit_code: int | None = None  # of its last exit
@@ -126,6 +129,12 @@ class Child:
         await self._launch()
         self._watch = self._tasks.spawn(self._supervise(), f"gateway:{self._name}-supervisor")
 
+    async def wait(self) -> None:
+        """Until the child's process, if one runs, has exited."""
+        proc = self._proc
+        if proc is not None:
+            await proc.wait()
+
     def start_soon(self) -> None:
         """Start the child in the background and keep it running; a first start that
         fails is retried like a restart."""
@@ -135,7 +144,11 @@ class Child:
 
     def request_stop(self) -> None:
         """Ask the child to stop (it finishes what is under way); it is not restarted."""
-        self._stopping.set()
+        if not self._stopping.is_set():
+            self._stopping.set()
+            self._asked = self._proc if self.pid is not None else None
+            # The watch now ends when the child does: planned, not a failure.
+            self._tasks.release(self._watch)
         channel = self.channel
         if channel is not None and self.pid is not None and not self._stop_sent:
             self._stop_sent = True
@@ -143,7 +156,7 @@ class Child:
 
     async def stop(self) -> int | None:
         """Ask the child to stop and wait, bounded, until it has (then kill it);
-        idempotent. Its exit code (None if it never ran)."""
+        idempotent. Its exit code, or None if it was not running when asked."""
         self.request_stop()
         watch, self._watch = self._watch, None
         await self._tasks.cancel(watch)
@@ -165,7 +178,7 @@ class Child:
             task.cancel()
         if self._readers:
             await asyncio.wait(set(self._readers))
-        return proc.returncode if proc is not None else None
+        return self._asked.returncode if self._asked is not None else None
 
     def kill(self) -> None:
         """SIGKILL the child now (the gateway is exiting at once)."""
@@ -228,6 +241,9 @@ class Child:
                 extra={"error": str(exc)[:200], **self._fields},
             )
         if proc.returncode is None and not self._stopping.is_set():
+            # A child that died closes its channel a moment before it is seen to exit.
+            await first_of(_EXIT_AFTER_CLOSE_S, proc.wait())
+        if proc.returncode is None and not self._stopping.is_set():
             # The channel broke (or carried garbage) while the process lives on: replace it.
             self._log.error(
                 f"{self._channel_name}_channel_closed", extra={"pid": proc.pid, **self._fields}
@@ -246,6 +262,8 @@ class Child:
                 try:
                     await self._launch()
                 except Exception as exc:  # noqa: BLE001  # keep supervising; the next try may work
+                    if self._stopping.is_set():
+                        return  # asked to stop while starting: it did
                     event = "start_failed" if first else "restart_failed"
                     self._log.error(
                         f"{self._name}_{event}",
