@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = [
+    "MAX_WORKERS",
     "ClusterSettings",
     "ControlSettings",
     "HttpSettings",
@@ -23,6 +24,8 @@ __all__ = [
     "VaultSettings",
     "child_env",
     "load_settings",
+    "parse_workers",
+    "usable_cores",
 ]
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
@@ -193,6 +196,30 @@ def _default_replica() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+# Most job processes one `gateway run` starts (`--workers`, GATEWAY_WORKERS).
+MAX_WORKERS = 256
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, where the platform has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def parse_workers(value: object) -> int:
+    """A worker count from `--workers` or GATEWAY_WORKERS: 1 to MAX_WORKERS, or `auto`
+    (one per usable core, at most MAX_WORKERS); ValueError naming what is accepted."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return min(usable_cores(), MAX_WORKERS)
+        value = int(text) if text.isdigit() else None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise ValueError(f"workers must be a whole number from 1 to {MAX_WORKERS}, or 'auto'")
+    return value
+
+
 class Settings(BaseSettings):
     """Everything the gateway reads from its environment (and .env)."""
 
@@ -242,6 +269,9 @@ class Settings(BaseSettings):
     max_tenant_series: int = Field(default=200, ge=1)
     # Terminal job ids remembered to skip redelivered work (idempotency).
     history_size: int = Field(default=200_000, ge=1)
+    # Job processes `gateway run` keeps on this machine, each a member of the consumer
+    # group (`gateway.worker`); `auto`: one per usable core. The CLI's --workers wins.
+    workers: int = Field(default=1, ge=1, le=MAX_WORKERS)
 
     @field_validator("flows", mode="before")
     @classmethod
@@ -249,6 +279,11 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _parse_workers(cls, value: object) -> int:
+        return parse_workers(value)
 
     @model_validator(mode="after")
     def _check_vault_auth(self) -> Settings:
