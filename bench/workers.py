@@ -10,6 +10,7 @@ counts): jobs finished in that window over its length, from the results' `finish
 Also reported: the CPU seconds the gateway's processes (workers and API process) and
 the broker used per 1,000 jobs (from before production to the last result), and the
 load average, since the broker, this script and the workers share the machine's cores.
+The gateway logs at WARNING, as in the other throughput benchmarks (no line per job).
 
 Run: .venv/bin/python -m bench.workers [--rounds 3] [--echo-jobs N] [--sleep-jobs N] [--quick]
 """
@@ -41,6 +42,7 @@ from bench.common import (
     machine_note,
     produce_jobs,
 )
+from gateway.dev.services import free_port
 from gateway.settings import Settings
 
 WORKLOADS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -73,30 +75,27 @@ def cpu_seconds(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
-def machine_pids(process: ChildProcess) -> list[int]:
-    """The gateway process, its workers and its API process (from its log)."""
-    assert process.proc is not None
-    pids = [process.proc.pid]
-    for event in ("worker_started", "api_process_started"):
-        pids.extend(int(line["pid"]) for line in process.log_events(event))
+def process_tree(pid: int) -> list[int]:
+    """A process and all its descendants (the workers and the API process)."""
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            pids.extend(process_tree(int(child)))
     return pids
 
 
-async def wait_ready(process: ChildProcess, timeout_s: float = 120.0) -> None:
+async def wait_ready(process: ChildProcess, ops_port: int, timeout_s: float = 120.0) -> None:
     """Until the machine's operators' listener answers /readyz 200."""
     deadline = time.monotonic() + timeout_s
     async with httpx.AsyncClient(timeout=5) as client:
         while time.monotonic() < deadline:
             if not process.alive():
                 raise RuntimeError(f"the gateway exited; see {process.log_path}")
-            started = process.log_events("ops_started")
-            if started:
-                url = f"http://127.0.0.1:{started[-1]['port']}/readyz"
-                try:
-                    if (await client.get(url)).status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
+            try:
+                if (await client.get(f"http://127.0.0.1:{ops_port}/readyz")).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
             await asyncio.sleep(0.2)
     raise RuntimeError(f"not ready within {timeout_s:g}s; see {process.log_path}")
 
@@ -111,20 +110,25 @@ async def one_run(
     jobs: int,
 ) -> Run:
     """`gateway run --workers N` working off `jobs` jobs of one workload."""
-    settings: Settings = await bench_settings(bootstrap, tenants, http={"enabled": False})
+    ops_port = free_port()
+    settings: Settings = await bench_settings(
+        bootstrap, tenants, http={"enabled": False}, ops={"port": ops_port}
+    )
     job_type, payload = WORKLOADS[workload]
     watcher = ResultWatcher(bootstrap, settings.topics.results)
     await watcher.start()
     process = ChildProcess(
         [sys.executable, "-m", "gateway", "run", "--workers", str(workers)],
-        gateway_env(settings),
+        # As the other throughput benchmarks: no line per job in the log.
+        gateway_env(settings, GATEWAY_LOG_LEVEL="WARNING"),
         logs / f"{workload}-{workers}-{time.monotonic_ns()}.log",
     )
     process.start()
     try:
-        await wait_ready(process)
+        await wait_ready(process, ops_port)
         await asyncio.sleep(1.0)  # the group settled; nothing in flight yet
-        pids = machine_pids(process)
+        assert process.proc is not None
+        pids = process_tree(process.proc.pid)
         cpu_before = sum(map(cpu_seconds, pids)), cpu_seconds(tansu_pid)
         ids = set(await produce_jobs(settings, jobs, "bench", job_type, payload))
         produced_at = time.time()

@@ -16,7 +16,6 @@ from gateway.channel import Call, ChannelError, Codec, Reply, Started, Stop
 from gateway.settings import Settings
 
 __all__ = [
-    "CALLS",
     "MAX_FRAME",
     "Drained",
     "FromWorker",
@@ -29,9 +28,6 @@ __all__ = [
 
 # Metric families of a worker with many tenants run to megabytes; nothing is near this.
 MAX_FRAME = 64 * 1024 * 1024
-
-# What the gateway process asks a worker (the same questions its API process asks it).
-CALLS = ("ready", "metrics", "tenants")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +54,9 @@ class Drained:
     and leaves the group once told to (`Leave`)."""
 
 
-# gateway -> worker: also `Call` (a question, `op` in CALLS) and `Stop` (drain and exit,
-# as on SIGTERM), from gateway.channel.
+# gateway -> worker: also `Call` (a question: `ready`, `metrics` or `tenants`, the ones
+# the API process asks the gateway process) and `Stop` (drain and exit, as on SIGTERM),
+# from gateway.channel.
 ToWorker = WorkerInit | Reload | Leave | Call | Stop
 # worker -> gateway: also `Started` (its gateway started), `ResultReady` (a result it
 # recorded, for the API process's GET) and `Reply` (to a `Call`).

@@ -25,11 +25,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["SUMMED", "label_workers", "render", "sum_tenant_figures", "worker_families"]
+__all__ = ["label_workers", "render", "sum_tenant_figures", "worker_families"]
 
 _WORKER = "worker"
 # The tenant table's columns that add up across workers.
-SUMMED = ("running", "queued", "deferred", "throttled", "backlog")
+_SUMMED = ("running", "queued", "deferred", "throttled", "backlog")
 
 
 def label_workers(families: Mapping[int, Iterable[Metric]]) -> list[Metric]:
@@ -91,7 +91,8 @@ def render(families: Sequence[Metric]) -> bytes:
 
 def sum_tenant_figures(tables: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
     """One row per tenant of the first table (the gateway process's: its catalog, in
-    its order), with the SUMMED columns added up over every table."""
+    its order), with the counts (running, queued, deferred, throttled, backlog) added
+    up over every table."""
     if not tables:
         return []
     rows = [dict(row) for row in tables[0]]
@@ -101,7 +102,7 @@ def sum_tenant_figures(tables: Sequence[Sequence[Mapping[str, Any]]]) -> list[di
             row = by_tenant.get(other.get("tenant"))
             if row is None:  # a tenant only a worker knows (a catalog reload between them)
                 continue
-            for column in SUMMED:
+            for column in _SUMMED:
                 row[column] = row.get(column, 0) + other.get(column, 0)
             if other.get("state") == "paused":
                 row["state"] = "paused"

@@ -97,10 +97,6 @@ class Workers:
             for index in range(1, settings.workers)
         }
 
-    def pids(self) -> dict[int, int | None]:
-        """Each worker's PID while it runs."""
-        return {index: child.pid for index, child in self._children.items()}
-
     def start(self) -> None:
         """Start every worker in the background (each is then kept running)."""
         for child in self._children.values():
