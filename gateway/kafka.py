@@ -6,7 +6,9 @@ import asyncio
 import logging
 from typing import Any
 
-__all__ = ["stop_consumer"]
+from gateway.envelope import Source, header_bytes
+
+__all__ = ["record_size", "source_of", "stop_consumer"]
 
 log = logging.getLogger("gateway.kafka")
 
@@ -28,3 +30,21 @@ async def stop_consumer(consumer: Any) -> None:
             raise
         log.debug("consumer_stop_interrupted")
         await consumer._client.close()  # what stop() did not reach
+
+
+def source_of(record: Any) -> Source:
+    """The parts of a consumed record (aiokafka's ConsumerRecord) the gateway keeps."""
+    return Source(
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        value=record.value,
+        headers=tuple(record.headers or ()),
+        timestamp_ms=record.timestamp or 0,
+        key=record.key,
+    )
+
+
+def record_size(record: Any) -> int:
+    """Bytes of a consumed record the memory bounds count: value, key and headers."""
+    return len(record.value or b"") + len(record.key or b"") + header_bytes(record.headers or ())
