@@ -77,6 +77,7 @@ class Admission:
             catalog=catalog,
             tracker=tracker,
             room=pools.room,
+            paused=pools.paused,
             supervisor=supervisor,
         )
         self.parking.bind(self._readmit)
@@ -159,12 +160,8 @@ class Admission:
         if self._cancels.covers(job):
             self._recorder.cancelled([entry], "on_arrival")
             return
-        may_park = may_park and self.parking.can_park()
         if self._pools.paused(job.tenant):
-            if may_park:
-                self.parking.park(job.tenant, entry.ticket, entry.partition)
-            else:
-                self._recorder.deferred(entry, self._paused_delay_s())
+            self._recorder.deferred(entry, self._paused_delay_s())
             return
         # A retry or deferral read back and due is already in memory: it waits for room
         # in its tenant's buffer, in a line of at most `max_queued`. Sent around
@@ -174,7 +171,7 @@ class Admission:
         may_wait = job.source.topic in self._delayed_topics
         if self._pools.submit(entry, may_wait=may_wait):
             return
-        if may_park:
+        if may_park and self.parking.can_park():
             self.parking.park(job.tenant, entry.ticket, entry.partition)
         else:
             self._recorder.deferred(entry, self._pools.book_deferral(job.tenant))
@@ -211,6 +208,7 @@ class Admission:
         entries = self._pools.pause(tenant)
         for entry in entries:
             self._recorder.deferred(entry, self._paused_delay_s())
+        self.parking.expire(tenant)
         return len(entries)
 
     def resume(self, tenant: str) -> None:

@@ -3,11 +3,10 @@
 A burst from one tenant sits in the same partitions as everyone else's records. Sending
 its overflow around `jobs.deferred` costs two records written and one read back per job,
 and every other tenant's records wait behind that work while the burst is read. A
-record is *parked* instead when its tenant's buffer is full (or the tenant is paused, or
-has parked records already, so its jobs keep their order): admission keeps only its
-offset and ticket, after reading nothing but the `tenant` header. The record stays
-unfinished, so the partition's commit waits for it (invariant 4), and nothing of it is
-held in memory.
+record is *parked* instead when its tenant's buffer is full (or the tenant has parked
+records already, so its jobs keep their order): admission keeps only its offset and
+ticket, after reading nothing but the `tenant` header. The record stays unfinished, so
+the partition's commit waits for it (invariant 4), and nothing of it is held in memory.
 
 A reader of its own (a consumer outside the group) comes back for parked records:
 
@@ -16,9 +15,11 @@ A reader of its own (a consumer outside the group) comes back for parked records
   parked offset and hands those records to admission, oldest first;
 - when a record has been parked for `max_age_s`, it reads it and admission writes it
   to `jobs.deferred` the usual way (if its tenant still has no room), so no
-  partition's commit waits longer than that behind a slow tenant.
+  partition's commit waits longer than that behind a slow tenant. A paused tenant's
+  jobs are not parked: they go to `jobs.deferred` (status `deferred`) at once, and
+  those parked when the pause came are spilled there on the reader's next turn.
 
-Past `max_records` parked records, overflow goes to `jobs.deferred` at once, as before.
+Past `max_records` parked records, overflow goes to `jobs.deferred` at once.
 A revoked partition's parked records are forgotten: they were never committed, and the
 partition's next owner reads them again.
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable
@@ -83,6 +85,7 @@ class Parking:
         catalog: Callable[[], Catalog],
         tracker: OffsetTracker,
         room: Callable[[str], int],
+        paused: Callable[[str], bool],
         supervisor: Supervisor,
     ) -> None:
         self._kafka = kafka
@@ -91,6 +94,7 @@ class Parking:
         self._catalog = catalog
         self._tracker = tracker
         self._room = room
+        self._paused = paused
         self._supervisor = supervisor
         self._readmit: Readmit | None = None
         # partition -> tenant -> parked records in offset order
@@ -116,6 +120,8 @@ class Parking:
         """Whether a fresh record of `tenant` should be parked rather than taken."""
         if self._total >= self._max_records or self._catalog().get(tenant) is None:
             return False
+        if self._paused(tenant):
+            return False  # deferred at once, so its status says `deferred`
         return tenant in self._counts or self._room(tenant) == 0
 
     def can_park(self) -> bool:
@@ -135,6 +141,15 @@ class Parking:
             line.append(parked)
         self._counts[tenant] = self._counts.get(tenant, 0) + 1
         self._total += 1
+        self._wake.set()
+
+    def expire(self, tenant: str) -> None:
+        """Spill the tenant's parked records to jobs.deferred on the reader's next turn
+        (it was paused)."""
+        for lines in self._parked.values():
+            line = lines.get(tenant)
+            if line:
+                lines[tenant] = deque(_Parked(p.ticket, -math.inf) for p in line)
         self._wake.set()
 
     def count(self, tenant: str) -> int:

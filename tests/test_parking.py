@@ -34,7 +34,10 @@ def _catalog(tmp_path: Path) -> Catalog:
 
 
 def _parking(
-    tmp_path: Path, room: dict[str, int], max_records: int = 100
+    tmp_path: Path,
+    room: dict[str, int],
+    max_records: int = 100,
+    paused: frozenset[str] = frozenset(),
 ) -> tuple[Parking, OffsetTracker]:
     catalog = _catalog(tmp_path)
     tracker = OffsetTracker()
@@ -44,6 +47,7 @@ def _parking(
         catalog=lambda: catalog,
         tracker=tracker,
         room=lambda tenant: room.get(tenant, 0),
+        paused=lambda tenant: tenant in paused,
         supervisor=Supervisor(),
     )
     return parking, tracker
@@ -89,3 +93,9 @@ def test_a_revocation_forgets_only_that_partitions_records(tmp_path: Path) -> No
     parking.revoke({P1})
     assert parking.counts() == {}
     assert parking.total == 0
+
+
+def test_a_paused_tenants_jobs_are_deferred_not_parked(tmp_path: Path) -> None:
+    # Deferred at once, so their status says `deferred` while the tenant is paused.
+    parking, _ = _parking(tmp_path, {"busy": 0}, paused=frozenset({"busy"}))
+    assert not parking.wants("busy")
