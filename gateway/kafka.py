@@ -6,11 +6,29 @@ import asyncio
 import logging
 from typing import Any
 
-from gateway.envelope import Source, header_bytes
+from aiokafka import AIOKafkaConsumer
 
-__all__ = ["record_size", "source_of", "stop_consumer"]
+from gateway.envelope import Source, header_bytes
+from gateway.settings import KafkaSettings
+
+__all__ = ["groupless_consumer", "record_size", "source_of", "stop_consumer"]
 
 log = logging.getLogger("gateway.kafka")
+
+
+def groupless_consumer(kafka: KafkaSettings, name: str, **options: Any) -> AIOKafkaConsumer:
+    """A consumer outside any group (partitions assigned by hand, nothing committed), named
+    `<client_id>-<name>`; `options` override aiokafka's settings."""
+    settings: dict[str, Any] = {
+        "bootstrap_servers": kafka.bootstrap_servers,
+        "client_id": f"{kafka.client_id}-{name}",
+        "group_id": None,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "fetch_max_wait_ms": kafka.fetch_max_wait_ms,
+        "request_timeout_ms": kafka.request_timeout_ms,
+    }
+    return AIOKafkaConsumer(**(settings | options))
 
 
 async def stop_consumer(consumer: Any) -> None:

@@ -41,7 +41,7 @@ from aiokafka.errors import KafkaError
 
 from gateway.catalog import Catalog
 from gateway.envelope import Source
-from gateway.kafka import record_size, source_of, stop_consumer
+from gateway.kafka import groupless_consumer, record_size, source_of, stop_consumer
 from gateway.offsets import OffsetTracker, Ticket
 from gateway.settings import KafkaSettings, ParkingSettings
 from gateway.tasks import Supervisor
@@ -204,16 +204,12 @@ class Parking:
     async def _connect(self) -> AIOKafkaConsumer:
         if self._consumer is None:
             kafka = self._kafka
-            consumer = AIOKafkaConsumer(
-                bootstrap_servers=kafka.bootstrap_servers,
-                client_id=f"{kafka.client_id}-parking",
-                group_id=None,
-                enable_auto_commit=False,
-                auto_offset_reset="earliest",
+            consumer = groupless_consumer(
+                kafka,
+                "parking",
                 # Parked records are on the broker already: no reason to wait for more.
                 fetch_max_wait_ms=min(kafka.fetch_max_wait_ms, 50),
                 max_poll_records=kafka.max_poll_records,
-                request_timeout_ms=kafka.request_timeout_ms,
                 max_partition_fetch_bytes=4 * 1024 * 1024,
             )
             await consumer.start()

@@ -37,31 +37,37 @@ async def wait_all_results(settings: Settings, ids: set[str], timeout_s: float) 
     pytest.fail(f"{len(missing)} jobs without a result, e.g. {sorted(missing)[:5]}")
 
 
+async def crash_and_recover(
+    settings: Settings, gateway_process: Any, ids: set[str], progress: int
+) -> None:
+    """SIGKILL a gateway at a random point once `progress` results are out, start another,
+    and check every job got a result, with duplicates only from work in flight at the
+    crash (its commits were behind)."""
+    first = gateway_process(settings, "first")
+    first.start()
+    await wait_for(lambda: _progress(settings, progress), 60)
+    await asyncio.sleep(random.uniform(0.0, 1.5))
+    first.signal(signal.SIGKILL)
+    first.wait(10)
+    second = gateway_process(settings, "second")
+    second.start()
+    seen = await wait_all_results(settings, ids, 120)
+    duplicates = sum(count - 1 for count in seen.values() if count > 1)
+    print(f"crash test: {len(ids)} jobs, {duplicates} duplicate results")
+    assert duplicates <= settings.max_inflight + settings.kafka.max_poll_records
+    second.signal(signal.SIGTERM)
+    assert second.wait(30) == 0
+
+
 async def test_sigkill_mid_run_loses_nothing(
     settings: Settings, client: JobClient, gateway_process: Any
 ) -> None:
-    inflight_bound = 64
-    run_settings = settings.model_copy(update={"max_inflight": inflight_bound})
-    first = gateway_process(run_settings, "first")
-    first.start()
+    run_settings = settings.model_copy(update={"max_inflight": 64})
     ids = {f"c{n}" for n in range(3000)}
     for n in range(3000):
         await client.job("initech" if n % 2 else "acme", f"c{n}", "sleep", seconds=0.005)
     await client.flush()
-    # Kill at a random point once work is flowing.
-    await wait_for(lambda: _progress(run_settings, 200), 60)
-    await asyncio.sleep(random.uniform(0.0, 1.5))
-    first.signal(signal.SIGKILL)
-    first.wait(10)
-    second = gateway_process(run_settings, "second")
-    second.start()
-    seen = await wait_all_results(run_settings, ids, 120)
-    duplicates = sum(count - 1 for count in seen.values() if count > 1)
-    print(f"crash test: {len(ids)} jobs, {duplicates} duplicate results")
-    # Duplicates come only from work in flight at the crash, whose commits were behind.
-    assert duplicates <= inflight_bound + run_settings.kafka.max_poll_records
-    second.signal(signal.SIGTERM)
-    assert second.wait(30) == 0
+    await crash_and_recover(run_settings, gateway_process, ids, progress=200)
 
 
 def _small_buffers(settings: Settings, tmp_path: Path) -> Settings:
@@ -84,26 +90,13 @@ async def test_sigkill_with_parked_overflow_loses_nothing(
     # the next process reads them again from the committed offsets, and the jobs that
     # had finished meanwhile are recognised (jobs.results), not run again.
     run_settings = _small_buffers(settings, tmp_path)
-    first = gateway_process(run_settings, "first")
-    first.start()
     ids = {f"b{n}" for n in range(2000)} | {f"c{n}" for n in range(100)}
     for n in range(2000):
         await client.job("burst", f"b{n}", "echo", n=n)
         if n % 20 == 0:
             await client.job("calm", f"c{n // 20}", "echo", n=n)
     await client.flush()
-    await wait_for(lambda: _progress(run_settings, 300), 60)
-    await asyncio.sleep(random.uniform(0.0, 1.0))
-    first.signal(signal.SIGKILL)
-    first.wait(10)
-    second = gateway_process(run_settings, "second")
-    second.start()
-    seen = await wait_all_results(run_settings, ids, 120)
-    duplicates = sum(count - 1 for count in seen.values() if count > 1)
-    print(f"crash with parked records: {len(ids)} jobs, {duplicates} duplicate results")
-    assert duplicates <= run_settings.max_inflight + run_settings.kafka.max_poll_records
-    second.signal(signal.SIGTERM)
-    assert second.wait(30) == 0
+    await crash_and_recover(run_settings, gateway_process, ids, progress=300)
 
 
 async def _progress(settings: Settings, count: int) -> bool:
