@@ -38,7 +38,7 @@ from gateway.intake import Intake
 from gateway.metrics import Metrics
 from gateway.offsets import OffsetTracker
 from gateway.outbox import Outbox
-from gateway.pools import Pools
+from gateway.pools import PoolFigures, Pools
 from gateway.process import make_undumpable, tune_gc
 from gateway.recorder import Recorder
 from gateway.records import admin_record
@@ -227,6 +227,7 @@ class Gateway:
             recorder=self.recorder,
             history=self.history,
             cancels=self.pending_cancels,
+            tracker=self.tracker,
             supervisor=self.supervisor,
         )
         self.intake = Intake(
@@ -258,7 +259,7 @@ class Gateway:
             self.supervisor,
         )
         self.metrics.add_collector(
-            PoolCollector(self.pools.snapshot, self.intake.lag, self.metrics.tenant)
+            PoolCollector(self.pool_figures, self.intake.lag, self.metrics.tenant)
         )
         self.metrics.add_collector(VaultCollector(self._vault_stats))
         self.metrics.add_collector(BrokerCollector(lambda: self.broker.up))
@@ -367,15 +368,20 @@ class Gateway:
                 },
             )
 
+    def pool_figures(self) -> list[PoolFigures]:
+        """Per-tenant pool figures of this replica, parked records included."""
+        return list(self.pools.snapshot(self.admission.parking.counts()))
+
     async def tenant_figures(self) -> list[dict[str, object]]:
         """Per tenant of the catalog, as this replica sees it (the admin API's view)."""
-        pools = {figures.tenant: figures for figures in self.pools.snapshot()}
+        pools = {figures.tenant: figures for figures in self.pool_figures()}
         rows: list[dict[str, object]] = []
         for tenant in self._catalog:
             figures = pools.get(tenant.id)
             quota = tenant.quota
             queued = figures.queued if figures else 0
             deferred = figures.deferred if figures else 0
+            parked = figures.parked if figures else 0
             rows.append(
                 {
                     "tenant": tenant.id,
@@ -390,8 +396,9 @@ class Gateway:
                     "running": figures.running if figures else 0,
                     "queued": queued,
                     "deferred": deferred,
+                    "parked": parked,
                     "throttled": figures.throttled if figures else 0,
-                    "backlog": queued + deferred,
+                    "backlog": queued + deferred + parked,
                 }
             )
         return rows
@@ -472,7 +479,7 @@ class Gateway:
         cluster = self.settings.cluster
         while True:
             now = time.time()
-            local = self.pools.demand()
+            local = self.pools.demand(self.admission.parking.counts())
             report = admin_record(
                 self.settings.topics.control,
                 op="demand",

@@ -18,6 +18,7 @@ __all__ = [
     "HttpSettings",
     "KafkaSettings",
     "OpsSettings",
+    "ParkingSettings",
     "RetrySettings",
     "Settings",
     "TopicSettings",
@@ -180,6 +181,19 @@ class ClusterSettings(BaseModel):
     share_floor: float = Field(default=0.05, ge=0, le=1)
 
 
+class ParkingSettings(BaseModel):
+    """Overflow left in place on `jobs` and read again by offset (`gateway.parking`)."""
+
+    model_config = _FROZEN
+
+    # Parked records per replica past which overflow goes to jobs.deferred at once
+    # (0: never park). Each costs about 200 bytes of memory, whatever the record's size.
+    max_records: int = Field(default=100_000, ge=0)
+    # A record parked this long is written to jobs.deferred, so no partition's commit
+    # waits longer than this behind one tenant's backlog.
+    max_age_s: float = Field(default=60.0, gt=0)
+
+
 class RetrySettings(BaseModel):
     """Exponential backoff with full jitter for jobs.retry."""
 
@@ -238,6 +252,7 @@ class Settings(BaseSettings):
     ops: OpsSettings = OpsSettings()
     control: ControlSettings = ControlSettings()
     cluster: ClusterSettings = ClusterSettings()
+    parking: ParkingSettings = ParkingSettings()
     retry: RetrySettings = RetrySettings()
     tenants_dir: Path = Path("tenants")
     policies_dir: Path = Path("policies")

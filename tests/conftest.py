@@ -261,6 +261,16 @@ async def committed_offsets(settings: Settings, topic: str) -> dict[int, int | N
         await consumer.stop()
 
 
+async def all_committed(settings: Settings) -> bool:
+    """Whether the group has committed every `jobs` partition up to its end."""
+    records = await read_topic(settings, settings.topics.jobs, timeout_s=2)
+    ends: dict[int, int] = {}
+    for record in records:
+        ends[record.partition] = max(ends.get(record.partition, 0), record.offset + 1)
+    committed = await committed_offsets(settings, settings.topics.jobs)
+    return all(committed.get(p) == end for p, end in ends.items())
+
+
 class GatewayProcess:
     """`python -m gateway run [ARGS]` as a real subprocess with its own log file."""
 

@@ -47,7 +47,7 @@ from gateway.service import Gateway, ensure_topics
 from gateway.settings import Settings, VaultSettings
 from gateway.tasks import Supervisor
 
-from conftest import committed_offsets, make_settings, read_topic, wait_for
+from conftest import all_committed, make_settings, read_topic, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -188,15 +188,6 @@ async def denials(live: Live, tenant: str, action: str) -> float:
     )
     found = re.search(pattern, text, re.MULTILINE)
     return float(found[1]) if found else 0.0
-
-
-async def all_committed(settings: Settings) -> bool:
-    records = await read_topic(settings, settings.topics.jobs, timeout_s=2)
-    ends: dict[int, int | None] = {}
-    for record in records:
-        ends[record.partition] = max(ends.get(record.partition) or 0, record.offset + 1)
-    committed = await committed_offsets(settings, settings.topics.jobs)
-    return all(committed.get(p) == end for p, end in ends.items())
 
 
 def schema_check(document: dict[str, Any], name: str, body: Any) -> None:

@@ -143,19 +143,23 @@ def test_a_worker_that_did_not_answer_leaves_only_its_own_series_out() -> None:
 
 def _row(tenant: str, state: str = "active", **figures: int) -> dict[str, Any]:
     row: dict[str, Any] = {"tenant": tenant, "state": state, "quota": {"rate_per_s": 10.0}}
-    for column in ("running", "queued", "deferred", "throttled", "backlog"):
+    for column in ("running", "queued", "deferred", "parked", "throttled", "backlog"):
         row[column] = figures.get(column, 0)
     return row
 
 
 def test_tenant_figures_add_up_over_the_workers() -> None:
     zero = [_row("acme", running=2, queued=5, backlog=5), _row("globex")]
-    one = [_row("globex", running=1, throttled=7), _row("acme", running=3, deferred=4, backlog=4)]
+    one = [
+        _row("globex", running=1, throttled=7),
+        _row("acme", running=3, deferred=4, parked=6, backlog=10),
+    ]
     two = [_row("acme", "paused"), _row("gone", running=9)]
     rows = sum_tenant_figures([zero, one, two])
     assert [row["tenant"] for row in rows] == ["acme", "globex"]  # worker 0's catalog
     acme, globex = rows
-    assert (acme["running"], acme["queued"], acme["deferred"], acme["backlog"]) == (5, 5, 4, 9)
+    assert (acme["running"], acme["queued"], acme["deferred"]) == (5, 5, 4)
+    assert (acme["parked"], acme["backlog"]) == (6, 15)
     assert acme["state"] == "paused"  # one worker has applied the pause already
     assert acme["quota"] == {"rate_per_s": 10.0}
     assert (globex["running"], globex["throttled"], globex["state"]) == (1, 7, "active")

@@ -9,9 +9,9 @@ aggregates the label away (`sum by (tenant)`, `max`, `min`), as the dashboards a
 alerts in deploy/ already do across replicas. `gateway_worker_up` (the worker answered
 this scrape) and `gateway_worker_restarts_total` come with them.
 
-Tenant figures: one row per tenant, running, queued, deferred, throttled and backlog
-summed over the workers; a tenant is paused if any worker holds it paused (they apply
-the same `jobs.control` record, a fetch apart).
+Tenant figures: one row per tenant, running, queued, deferred, parked, throttled and
+backlog summed over the workers; a tenant is paused if any worker holds it paused (they
+apply the same `jobs.control` record, a fetch apart).
 
 Pure: no I/O, no clock.
 """
@@ -29,7 +29,7 @@ __all__ = ["label_workers", "render", "sum_tenant_figures", "worker_families"]
 
 _WORKER = "worker"
 # The tenant table's columns that add up across workers.
-_SUMMED = ("running", "queued", "deferred", "throttled", "backlog")
+_SUMMED = ("running", "queued", "deferred", "parked", "throttled", "backlog")
 
 
 def label_workers(families: Mapping[int, Iterable[Metric]]) -> list[Metric]:
@@ -91,7 +91,7 @@ def render(families: Sequence[Metric]) -> bytes:
 
 def sum_tenant_figures(tables: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
     """One row per tenant of the first table (the gateway process's: its catalog, in
-    its order), with the counts (running, queued, deferred, throttled, backlog) added
+    its order), with the counts (running, queued, deferred, parked, throttled, backlog) added
     up over every table."""
     if not tables:
         return []
