@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -234,6 +235,31 @@ async def read_topic(
         return records
     finally:
         await consumer.stop()
+
+
+async def result_ids(settings: Settings) -> Counter[str]:
+    """How many results each job id has so far."""
+    records = await read_topic(settings, settings.topics.results, timeout_s=3.0)
+    return Counter(json.loads(r.value)["id"] for r in records)
+
+
+async def wait_all_results(settings: Settings, ids: set[str], timeout_s: float) -> Counter[str]:
+    """Result counts once every id in `ids` has one (bounded; fails naming the missing)."""
+    deadline = time.monotonic() + timeout_s
+    seen: Counter[str] = Counter()
+    while time.monotonic() < deadline:
+        seen = await result_ids(settings)
+        if ids <= set(seen):
+            return seen
+        await asyncio.sleep(0.5)
+    missing = ids - set(seen)
+    pytest.fail(f"{len(missing)} jobs without a result, e.g. {sorted(missing)[:5]}")
+
+
+async def results_at_least(settings: Settings, count: int) -> bool:
+    """At least `count` records on the results topic (duplicates included)."""
+    records = await read_topic(settings, settings.topics.results, timeout_s=1.0)
+    return len(records) >= count
 
 
 def results_by_id(records: list[Any]) -> dict[str, list[dict[str, Any]]]:

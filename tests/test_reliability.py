@@ -7,7 +7,6 @@ import json
 import random
 import signal
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -15,26 +14,19 @@ import pytest
 
 from gateway.settings import Settings
 
-from conftest import JobClient, committed_offsets, quota_tenant, read_topic, results_by_id, wait_for
+from conftest import (
+    JobClient,
+    committed_offsets,
+    quota_tenant,
+    read_topic,
+    result_ids,
+    results_at_least,
+    results_by_id,
+    wait_all_results,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-async def result_ids(settings: Settings) -> Counter[str]:
-    records = await read_topic(settings, settings.topics.results, timeout_s=3.0)
-    return Counter(json.loads(r.value)["id"] for r in records)
-
-
-async def wait_all_results(settings: Settings, ids: set[str], timeout_s: float) -> Counter[str]:
-    deadline = time.monotonic() + timeout_s
-    seen: Counter[str] = Counter()
-    while time.monotonic() < deadline:
-        seen = await result_ids(settings)
-        if ids <= set(seen):
-            return seen
-        await asyncio.sleep(0.5)
-    missing = ids - set(seen)
-    pytest.fail(f"{len(missing)} jobs without a result, e.g. {sorted(missing)[:5]}")
 
 
 async def crash_and_recover(
@@ -45,7 +37,7 @@ async def crash_and_recover(
     crash (its commits were behind)."""
     first = gateway_process(settings, "first")
     first.start()
-    await wait_for(lambda: _progress(settings, progress), 60)
+    await wait_for(lambda: results_at_least(settings, progress), 60)
     await asyncio.sleep(random.uniform(0.0, 1.5))
     first.signal(signal.SIGKILL)
     first.wait(10)
@@ -99,11 +91,6 @@ async def test_sigkill_with_parked_overflow_loses_nothing(
     await crash_and_recover(run_settings, gateway_process, ids, progress=300)
 
 
-async def _progress(settings: Settings, count: int) -> bool:
-    records = await read_topic(settings, settings.topics.results, timeout_s=1.0)
-    return len(records) >= count
-
-
 async def test_rebalance_when_a_replica_stops(
     settings: Settings, client: JobClient, gateway_process: Any, tmp_path: Path
 ) -> None:
@@ -117,7 +104,7 @@ async def test_rebalance_when_a_replica_stops(
     for n in range(800):
         await client.job("burst" if n % 2 else "calm", f"r{n}", "sleep", seconds=0.01)
     await client.flush()
-    await wait_for(lambda: _progress(settings, 100), 60)
+    await wait_for(lambda: results_at_least(settings, 100), 60)
     two.signal(signal.SIGTERM)
     assert two.wait(40) == 0
     seen = await wait_all_results(settings, ids, 120)
@@ -238,7 +225,7 @@ async def test_a_replica_that_slept_through_its_session_writes_nothing_and_exits
     for n in range(300):
         await client.job("acme" if n % 2 else "initech", f"z{n}", "sleep", seconds=0.05)
     await client.flush()
-    await wait_for(lambda: _progress(settings, 20), 60)
+    await wait_for(lambda: results_at_least(settings, 20), 60)
     frozen.signal(signal.SIGSTOP)
     await asyncio.sleep(settings.kafka.session_timeout_ms / 1000 + 3)
     stopped_results = len(await read_topic(settings, settings.topics.results, timeout_s=2))

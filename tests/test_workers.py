@@ -29,7 +29,9 @@ from conftest import (
     quota_tenant,
     rate_between,
     read_topic,
+    results_at_least,
     start_times,
+    wait_all_results,
     wait_for,
 )
 
@@ -213,7 +215,7 @@ async def test_a_killed_worker_is_restarted_and_nothing_is_lost(
         for n in range(1500):
             await client.job("initech" if n % 2 else "acme", f"k{n}", "sleep", seconds=0.005)
         await client.flush()
-        await wait_for(lambda: _progress(configured, 200), 60)
+        await wait_for(lambda: results_at_least(configured, 200), 60)
         killed = worker_pid(process)
         assert killed is not None
         os.kill(killed, signal.SIGKILL)
@@ -222,8 +224,7 @@ async def test_a_killed_worker_is_restarted_and_nothing_is_lost(
         await wait_for(lambda: worker_pid(process) not in (None, killed), 60)
         exited = [(line["worker"], line["exit_code"]) for line in process.events("worker_exited")]
         assert exited == [(1, -9)]
-        bodies = await results(configured, len(ids))
-        seen = Counter(body["id"] for body in bodies)
+        seen = await wait_all_results(configured, ids, 120)
         assert set(seen) == ids
         # A second result only for work the killed worker had in flight, uncommitted.
         duplicates = sum(n - 1 for n in seen.values())
@@ -236,11 +237,6 @@ async def test_a_killed_worker_is_restarted_and_nothing_is_lost(
     assert [(line["worker"], line["exit_code"]) for line in restarted] == [(1, -9)]
     process.signal(signal.SIGTERM)
     assert process.wait(30) == 0
-
-
-async def _progress(settings: Settings, count: int) -> bool:
-    records = await read_topic(settings, settings.topics.results, timeout_s=1.0)
-    return len(records) >= count
 
 
 async def _reason_names_worker(ops: httpx.AsyncClient) -> bool:
