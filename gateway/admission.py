@@ -2,6 +2,9 @@
 
 For every record the intake hands over, in order:
 
+0. a fresh job whose tenant has no room (or has parked jobs already) is parked: left in
+   place on `jobs`, read again by offset when there is room (`gateway.parking`); only
+   its `tenant` header is read;
 1. parse it (`gateway.envelope`, total): a bad record is rejected (DLQ);
 2. a retry or deferral read back before its `not-before` waits in the delay queue
    (one timer, no polling; it stays uncommitted, so the delay survives a restart);
@@ -9,7 +12,8 @@ For every record the intake hands over, in order:
    takes the redelivered record along (`followers`); one with a pending cancel is
    recorded `cancelled` without starting;
 4. otherwise it goes to its tenant's pool, or, when the tenant's buffer is full, is
-   deferred to `jobs.deferred` at the pace the scheduler books.
+   parked (a fresh job, while parking has room) or deferred to `jobs.deferred` at the
+   pace the scheduler books.
 
 Admission also answers "where is this job?" for cancel commands.
 """
@@ -26,7 +30,8 @@ from gateway.delays import DelayQueue
 from gateway.entry import Entry
 from gateway.envelope import Job, Rejection, Source, header_value, input_limits, parse_record
 from gateway.history import TerminalHistory
-from gateway.offsets import Ticket
+from gateway.offsets import OffsetTracker, Ticket
+from gateway.parking import Parking
 from gateway.pools import Pools
 from gateway.recorder import Recorder
 from gateway.records import Status
@@ -49,6 +54,7 @@ class Admission:
         recorder: Recorder,
         history: TerminalHistory,
         cancels: PendingCancels,
+        tracker: OffsetTracker,
         supervisor: Supervisor,
     ) -> None:
         self._settings = settings
@@ -62,15 +68,29 @@ class Admission:
         self._paused_recheck_s = settings.control.paused_recheck_s
         self._rng = random.Random()  # noqa: S311  # spreads re-deferrals, not a secret
         topics = settings.topics
+        self._jobs_topic = topics.jobs
         self._delayed_topics = frozenset({topics.retry, topics.deferred})
         self._delays: DelayQueue[Entry] = DelayQueue(self._due, supervisor)
+        self.parking = Parking(
+            kafka=settings.kafka,
+            settings=settings.parking,
+            catalog=catalog,
+            tracker=tracker,
+            room=pools.room,
+            paused=pools.paused,
+            supervisor=supervisor,
+        )
+        self.parking.bind(self._readmit)
 
     async def start(self) -> None:
-        """Start the delay queue's timer."""
+        """Start the delay queue's timer and the parking's reader."""
         await self._delays.start()
+        await self.parking.start()
 
     async def stop(self) -> None:
-        """Stop the timer; held records are dropped (they are uncommitted: redelivered)."""
+        """Stop the timer and the reader; held and parked records are dropped (they are
+        uncommitted: redelivered)."""
+        await self.parking.stop()
         await self._delays.stop()
 
     @property
@@ -80,6 +100,21 @@ class Admission:
 
     def take(self, source: Source, ticket: Ticket, partition: Hashable) -> None:
         """Handle one consumed record."""
+        if source.topic == self._jobs_topic:
+            tenant = _tenant_header(source)
+            if tenant is not None and self.parking.wants(tenant):
+                self.parking.park(tenant, ticket, partition)
+                return
+        self._take(source, ticket, partition, spill=False)
+
+    def _readmit(self, source: Source, ticket: Ticket, partition: Hashable, spill: bool) -> None:
+        """A parked record read again; with `spill`, it is deferred if it finds no room."""
+        try:
+            self._take(source, ticket, partition, spill=spill)
+        except Exception as exc:  # noqa: BLE001  # one record's failure, not the reader's
+            self._recorder.failed(source, [ticket], exc)
+
+    def _take(self, source: Source, ticket: Ticket, partition: Hashable, *, spill: bool) -> None:
         now_ms = int(time.time() * 1000)
         parsed = parse_record(
             source=source,
@@ -101,7 +136,7 @@ class Admission:
         ):
             self._delays.add(not_before, entry)
             return
-        self._admit(entry)
+        self._admit(entry, may_park=source.topic == self._jobs_topic and not spill)
 
     def _due(self, entry: Entry) -> None:
         try:
@@ -109,7 +144,7 @@ class Admission:
         except Exception as exc:  # noqa: BLE001  # one record's failure, not the timer's
             self._recorder.failed(entry.job.source, entry.tickets, exc)
 
-    def _admit(self, entry: Entry) -> None:
+    def _admit(self, entry: Entry, *, may_park: bool = False) -> None:
         job = entry.job
         ended = self._history.get(job.key)
         # A job rejected at intake never ran: an operator's redrive (after fixing its
@@ -134,7 +169,11 @@ class Admission:
         # without a cap would hold a slow tenant's records, and with them the partitions
         # other tenants' retries and deferrals share, until it worked them off.
         may_wait = job.source.topic in self._delayed_topics
-        if not self._pools.submit(entry, may_wait=may_wait):
+        if self._pools.submit(entry, may_wait=may_wait):
+            return
+        if may_park and self.parking.can_park():
+            self.parking.park(job.tenant, entry.ticket, entry.partition)
+        else:
             self._recorder.deferred(entry, self._pools.book_deferral(job.tenant))
 
     def cancel(self, key: tuple[str, str]) -> str:
@@ -169,6 +208,7 @@ class Admission:
         entries = self._pools.pause(tenant)
         for entry in entries:
             self._recorder.deferred(entry, self._paused_delay_s())
+        self.parking.expire(tenant)
         return len(entries)
 
     def resume(self, tenant: str) -> None:
@@ -197,8 +237,20 @@ class Admission:
         return len(queued) + len(held) + running
 
     def revoke(self, partitions: set[Hashable]) -> None:
-        """Forget held records of partitions this replica no longer owns."""
+        """Forget held and parked records of partitions this replica no longer owns."""
         self._delays.remove(lambda e: e.partition in partitions)
+        self.parking.revoke(partitions)
+
+
+def _tenant_header(source: Source) -> str | None:
+    """The record's one `tenant` header as text, or None (parsing will say what is wrong)."""
+    values = header_value(source.headers, "tenant")
+    if len(values) != 1 or not values[0]:
+        return None
+    try:
+        return values[0].decode()
+    except UnicodeDecodeError:
+        return None
 
 
 def _redriven(job: Job) -> bool:

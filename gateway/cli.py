@@ -20,16 +20,28 @@ from gateway.errors import CatalogError, ConfigError, GatewayError
 from gateway.flows import load_job_types
 from gateway.observability import configure_logging
 from gateway.opsclient import OpsClient, OpsError
-from gateway.settings import Settings, load_settings
+from gateway.settings import Settings, load_settings, parse_workers
 
 __all__ = ["main"]
 
 
-def _settings() -> Settings:
+def _settings(**overrides: object) -> Settings:
     try:
-        return load_settings()
+        return load_settings(**overrides)
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         raise click.ClickException(f"invalid settings: {exc}") from None
+
+
+class _Workers(click.ParamType[int]):
+    """`--workers`: a whole number of job processes, or `auto` (one per usable core)."""
+
+    name = "N|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        try:
+            return parse_workers(value)
+        except ValueError as exc:
+            self.fail(f"{value!r}: {exc}", param, ctx)
 
 
 @click.group()
@@ -38,11 +50,18 @@ def main() -> None:
 
 
 @main.command()
-def run() -> None:
+@click.option(
+    "--workers",
+    type=_Workers(),
+    default=None,
+    help="job processes on this machine, each a member of the consumer group, behind one "
+    "API process: a number, or `auto` for one per core [default: GATEWAY_WORKERS, else 1]",
+)
+def run(workers: int | None) -> None:
     """Run the service until SIGTERM/SIGINT."""
     from gateway.service import run_gateway  # keep `tenants check` light
 
-    settings = _settings()
+    settings = _settings() if workers is None else _settings(workers=workers)
     configure_logging(settings.log_format, settings.log_level, settings.replica)
     try:
         code, failure = asyncio.run(run_gateway(settings))
@@ -131,13 +150,14 @@ def tenants_list(as_json: bool) -> None:
     def table(data: Any) -> None:
         click.echo(f"replica {data['replica']}")
         click.echo(
-            f"{'tenant':<20} {'state':<7} {'running':>7} {'queued':>7} {'deferred':>8} "
-            f"{'throttled':>9} {'backlog':>8}"
+            f"{'tenant':<20} {'state':<7} {'running':>7} {'queued':>7} {'parked':>7} "
+            f"{'deferred':>8} {'throttled':>9} {'backlog':>8}"
         )
         for row in sorted(data["tenants"], key=lambda r: -int(r.get("backlog", 0))):
             click.echo(
                 f"{row['tenant']:<20} {row['state']:<7} {row['running']:>7} {row['queued']:>7} "
-                f"{row['deferred']:>8} {row['throttled']:>9} {row.get('backlog', 0):>8}"
+                f"{row.get('parked', 0):>7} {row['deferred']:>8} {row['throttled']:>9} "
+                f"{row.get('backlog', 0):>8}"
             )
 
     _emit(_ask(_ops().tenants), as_json, table)

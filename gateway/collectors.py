@@ -65,7 +65,12 @@ class PoolCollector(Collector):
             ),
             "deferred": GaugeMetricFamily(
                 "gateway_tenant_deferred",
-                "Jobs of the tenant parked in jobs.deferred (overflow, pause), not yet back.",
+                "Jobs of the tenant sent around jobs.deferred (overflow, pause), not yet back.",
+                labels=["tenant"],
+            ),
+            "parked": GaugeMetricFamily(
+                "gateway_tenant_parked",
+                "Jobs of the tenant left in place on jobs (overflow), to be read again.",
                 labels=["tenant"],
             ),
             "paused": GaugeMetricFamily(
@@ -96,7 +101,13 @@ class PoolCollector(Collector):
         for figures in self._pools():
             tenant = figures.tenant
             counters = (figures.started, figures.throttled, figures.completed)
-            busy = figures.running or figures.queued or figures.deferred or figures.paused
+            busy = (
+                figures.running
+                or figures.queued
+                or figures.deferred
+                or figures.parked
+                or figures.paused
+            )
             if busy or any(counters):
                 label = labels(tenant)
             else:
@@ -112,6 +123,7 @@ class PoolCollector(Collector):
             mine["running"] += figures.running
             mine["queued"] += figures.queued
             mine["deferred"] += figures.deferred
+            mine["parked"] += figures.parked
             mine["paused"] = max(mine["paused"], 1.0 if figures.paused else 0.0)
             for name, value, left in zip(
                 ("started", "throttled", "completed"), counters, base, strict=True

@@ -22,8 +22,7 @@ from aiokafka.structs import OffsetAndMetadata
 
 from gateway.admission import Admission
 from gateway.collectors import LagFigure
-from gateway.envelope import Source, header_bytes
-from gateway.kafka import stop_consumer
+from gateway.kafka import record_size, source_of, stop_consumer
 from gateway.metrics import Metrics
 from gateway.offsets import OffsetTracker
 from gateway.pools import Pools
@@ -31,22 +30,9 @@ from gateway.recorder import Recorder
 from gateway.settings import Settings
 from gateway.tasks import Supervisor
 
-__all__ = ["Intake", "source_of"]
+__all__ = ["Intake"]
 
 log = logging.getLogger("gateway.intake")
-
-
-def source_of(record: Any) -> Source:
-    """The parts of a consumed record (aiokafka's ConsumerRecord) the gateway keeps."""
-    return Source(
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        value=record.value,
-        headers=tuple(record.headers or ()),
-        timestamp_ms=record.timestamp or 0,
-        key=record.key,
-    )
 
 
 def _over_bound(paused: bool, count: int, size: int, max_count: int, max_bytes: int) -> bool:
@@ -236,9 +222,7 @@ class Intake:
             log.info("intake_resumed", extra={"outstanding": outstanding, "bytes": size})
 
     def _take(self, tp: TopicPartition, record: Any) -> None:
-        headers = record.headers or ()
-        size = len(record.value or b"") + len(record.key or b"") + header_bytes(headers)
-        ticket = self.tracker.track(tp, record.offset, size)
+        ticket = self.tracker.track(tp, record.offset, record_size(record))
         source = source_of(record)
         try:
             self._admission.take(source, ticket, tp)

@@ -21,6 +21,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 __all__ = ["CONTENT_TYPE", "OTHER", "Metrics", "TenantLabels"]
@@ -150,3 +151,7 @@ class Metrics:
     def render(self) -> bytes:
         """The registry in the Prometheus text exposition format."""
         return generate_latest(self.registry)
+
+    def families(self) -> list[Metric]:
+        """The registry's metric families as of now (what a worker hands over)."""
+        return list(self.registry.collect())

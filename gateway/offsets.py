@@ -4,6 +4,11 @@ Pure logic, no I/O. A record is *tracked* when the consumer hands it over and
 *finished* once its outcome (result, retry, deferral or DLQ record) is acknowledged
 by the broker. The commit point of a partition is the offset of its first unfinished
 record, or one past the last record seen when all are finished.
+
+A record may also be *parked*: left unfinished on the broker, with nothing of it held
+in memory, to be read again by offset later (`gateway.parking`). A parked record holds
+the commit point back like any unfinished one, but counts neither as in flight nor
+by bytes against the memory bounds.
 """
 
 from __future__ import annotations
@@ -21,11 +26,12 @@ class PartitionOffsets:
     Each tracked record also carries its size, so memory bounds can count bytes.
     """
 
-    __slots__ = ("_bytes", "_committed", "_last_seen", "_pending", "_unfinished")
+    __slots__ = ("_bytes", "_committed", "_last_seen", "_parked", "_pending", "_unfinished")
 
     def __init__(self) -> None:
         self._pending: deque[int] = deque()
         self._unfinished: dict[int, int] = {}  # offset -> size, until finished
+        self._parked: set[int] = set()
         self._bytes = 0
         self._last_seen: int | None = None
         self._committed: int | None = None
@@ -45,14 +51,39 @@ class PartitionOffsets:
         if size is None:
             return
         self._bytes -= size
+        self._parked.discard(offset)
         pending, unfinished = self._pending, self._unfinished
         while pending and pending[0] not in unfinished:
             pending.popleft()
 
+    def park(self, offset: int) -> None:
+        """The record stays unfinished but is no longer held in memory."""
+        size = self._unfinished.get(offset)
+        if size is None or offset in self._parked:
+            return
+        self._bytes -= size
+        self._unfinished[offset] = 0
+        self._parked.add(offset)
+
+    def unpark(self, offset: int, size: int) -> bool:
+        """The parked record was read again and is held (`size` bytes); False when it
+        is not parked here (finished meanwhile, or never parked)."""
+        if offset not in self._parked:
+            return False
+        self._parked.discard(offset)
+        self._unfinished[offset] = size
+        self._bytes += size
+        return True
+
     @property
     def in_flight(self) -> int:
-        """Tracked records not yet finished."""
-        return len(self._unfinished)
+        """Tracked records not yet finished, parked ones aside."""
+        return len(self._unfinished) - len(self._parked)
+
+    @property
+    def parked(self) -> int:
+        """Parked records."""
+        return len(self._parked)
 
     @property
     def in_flight_bytes(self) -> int:
@@ -117,6 +148,19 @@ class OffsetTracker:
         """Finish a ticket; a ticket from before a revocation is ignored."""
         if self._partitions.get(ticket.partition) is ticket.owner:
             ticket.owner.finish(ticket.offset)
+
+    def live(self, ticket: Ticket) -> bool:
+        """Whether the ticket's partition is still the one it was tracked under."""
+        return self._partitions.get(ticket.partition) is ticket.owner
+
+    def park(self, ticket: Ticket) -> None:
+        """Park a tracked record (see the module's docstring)."""
+        if self.live(ticket):
+            ticket.owner.park(ticket.offset)
+
+    def unpark(self, ticket: Ticket, size: int) -> bool:
+        """A parked record is held again; False when the ticket is stale or not parked."""
+        return self.live(ticket) and ticket.owner.unpark(ticket.offset, size)
 
     def in_flight(self, partition: Hashable | None = None) -> int:
         """Unfinished records of one partition, or of all."""

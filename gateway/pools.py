@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 
 from gateway.catalog import Catalog, Tenant
@@ -33,12 +33,14 @@ log = logging.getLogger("gateway.pools")
 
 @dataclass(frozen=True, slots=True)
 class PoolFigures:
-    """One tenant's pool at a moment: gauges (queued, running, deferred) and counters."""
+    """One tenant's pool at a moment: gauges (queued, running, deferred, parked) and
+    counters."""
 
     tenant: str
     queued: int
     running: int
     deferred: int
+    parked: int
     started: int
     throttled: int
     completed: int
@@ -142,6 +144,14 @@ class Pools:
         self._wake.set()
         return True
 
+    def room(self, tenant_id: str) -> int:
+        """Jobs the tenant's buffer takes now (0 while it is paused or unknown)."""
+        tenant = self._catalog().get(tenant_id)
+        if tenant is None or tenant_id in self._paused:
+            return 0
+        self._ensure(tenant)
+        return self.scheduler.room(tenant_id)
+
     def _limits(self, tenant: Tenant) -> TenantLimits:
         return limits_for(tenant, self._shares.get(tenant.id, self._even))
 
@@ -198,13 +208,14 @@ class Pools:
                 self.scheduler.pause(tenant.id)  # nothing buffered yet: a new tenant
         self._wake.set()
 
-    def demand(self) -> dict[str, Demand]:
-        """This replica's load per tenant (only tenants with some), for its report."""
+    def demand(self, parked: Mapping[str, int]) -> dict[str, Demand]:
+        """This replica's load per tenant (only tenants with some), for its report;
+        `parked` records wait here as much as buffered ones."""
         demand: dict[str, Demand] = {}
         for tenant_id, queue in self.scheduler.tenants():
             started = queue.started - self._started_reported.get(tenant_id, 0)
             self._started_reported[tenant_id] = queue.started
-            waiting = len(queue.items) + len(queue.waiting)
+            waiting = len(queue.items) + len(queue.waiting) + parked.get(tenant_id, 0)
             if waiting or queue.running or started:
                 demand[tenant_id] = Demand(waiting, queue.running, started)
         return demand
@@ -312,8 +323,9 @@ class Pools:
             self.scheduler.release(job.tenant)
             self._wake.set()
 
-    def snapshot(self) -> Iterable[PoolFigures]:
-        """Per-tenant figures for every pool this replica has seen."""
+    def snapshot(self, parked: Mapping[str, int]) -> Iterable[PoolFigures]:
+        """Per-tenant figures for every pool this replica has seen (with the tenant's
+        `parked` records)."""
         now = time.monotonic()
         for tenant_id, queue in self.scheduler.tenants():
             yield PoolFigures(
@@ -321,6 +333,7 @@ class Pools:
                 queued=len(queue.items) + len(queue.waiting),
                 running=queue.running,
                 deferred=self.scheduler.deferred(tenant_id, now),
+                parked=parked.get(tenant_id, 0),
                 started=queue.started,
                 throttled=queue.throttled,
                 completed=queue.completed,

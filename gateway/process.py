@@ -1,16 +1,19 @@
-"""Process-wide settings of the gateway's processes: garbage-collector tuning, and
-keeping the gateway process's memory and environment from other processes."""
+"""Process-wide settings of the gateway's processes: garbage-collector tuning, keeping
+the memory and environment of the processes that hold Vault credentials from other
+processes, and children that end with their parent."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import gc
+import signal
 
 from gateway.settings import Settings
 
-__all__ = ["is_dumpable", "make_undumpable", "tune_gc"]
+__all__ = ["die_with_parent", "is_dumpable", "make_undumpable", "tune_gc"]
 
+_PR_SET_PDEATHSIG = 1
 _PR_SET_DUMPABLE = 4
 _PR_GET_DUMPABLE = 3
 
@@ -27,6 +30,12 @@ def make_undumpable() -> bool:
     API process facing the network, say) can read its memory or `/proc/<pid>/environ`,
     where the Vault credentials are; False where the platform cannot."""
     return _prctl(_PR_SET_DUMPABLE, 0) == 0
+
+
+def die_with_parent() -> None:
+    """Linux: get SIGTERM when the parent (the gateway process) ends, even before the
+    child's channel to it is read (a child also stops when that channel closes)."""
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def is_dumpable() -> bool | None:

@@ -200,6 +200,11 @@ class FairScheduler(Generic[T]):
         self._schedule(tenant, queue)
         return True
 
+    def room(self, tenant: str) -> int:
+        """Jobs the tenant's buffer takes now (`push` without `may_wait` succeeds)."""
+        queue = self._tenants[tenant]
+        return 0 if queue.waiting else max(0, queue.limits.max_queued - len(queue.items))
+
     def pause(self, tenant: str) -> list[T]:
         """Start none of the tenant's jobs until `resume`; returns its buffered jobs
         (waiting line included), taken out so the caller can park them elsewhere."""

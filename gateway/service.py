@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -38,7 +38,7 @@ from gateway.intake import Intake
 from gateway.metrics import Metrics
 from gateway.offsets import OffsetTracker
 from gateway.outbox import Outbox
-from gateway.pools import Pools
+from gateway.pools import PoolFigures, Pools
 from gateway.process import make_undumpable, tune_gc
 from gateway.recorder import Recorder
 from gateway.records import admin_record
@@ -48,8 +48,17 @@ from gateway.settings import KafkaSettings, Settings, TopicSettings
 from gateway.shares import ShareBook
 from gateway.tasks import Supervisor, cancel_and_wait
 from gateway.vault import SecretStore, VaultStats
+from gateway.worker.pool import Workers
 
-__all__ = ["Gateway", "ReadinessCheck", "ensure_topics", "run_gateway", "tune_gc"]
+__all__ = [
+    "Gateway",
+    "ReadinessCheck",
+    "ensure_topics",
+    "run_gateway",
+    "serve",
+    "shutdown_bound_s",
+    "tune_gc",
+]
 
 log = logging.getLogger("gateway.service")
 
@@ -60,9 +69,16 @@ _STATUS_CATCH_UP_S = 30.0
 _READINESS_CHECK_S = 2.0
 # Running jobs' grace when the replica stops because something failed.
 _FAILED_GRACE_S = 5.0
+# A process's whole shutdown ends within its grace, the produce timeout and this.
+_SHUTDOWN_SLACK_S = 10.0
 
 # A readiness check: None when fine, else a short reason (shown by GET /readyz).
 ReadinessCheck = Callable[[], Awaitable[str | None]]
+
+
+def shutdown_bound_s(settings: Settings) -> float:
+    """How long a gateway process's shutdown may take before it exits anyway."""
+    return settings.shutdown_grace_s + settings.kafka.produce_timeout_s + _SHUTDOWN_SLACK_S
 
 
 async def ensure_topics(kafka: KafkaSettings, topics: TopicSettings) -> None:
@@ -138,6 +154,10 @@ class Gateway:
     deduplicate, defer) -> pools (quotas, fair dispatch) -> runner (the flow) ->
     recorder (every output record, through the one outbox) -> offsets (the tracker the
     intake commits from).
+
+    With `settings.workers` > 1 it is worker 0 of the machine: it also runs and
+    supervises the other workers (`gateway.worker`), and answers its API process for
+    all of them.
     """
 
     def __init__(
@@ -207,6 +227,7 @@ class Gateway:
             recorder=self.recorder,
             history=self.history,
             cancels=self.pending_cancels,
+            tracker=self.tracker,
             supervisor=self.supervisor,
         )
         self.intake = Intake(
@@ -238,7 +259,7 @@ class Gateway:
             self.supervisor,
         )
         self.metrics.add_collector(
-            PoolCollector(self.pools.snapshot, self.intake.lag, self.metrics.tenant)
+            PoolCollector(self.pool_figures, self.intake.lag, self.metrics.tenant)
         )
         self.metrics.add_collector(VaultCollector(self._vault_stats))
         self.metrics.add_collector(BrokerCollector(lambda: self.broker.up))
@@ -253,14 +274,26 @@ class Gateway:
                 self.catalog,
                 self.job_types,
                 answers={
-                    "ready": self.not_ready_reasons,
+                    "ready": self._readiness,
                     "metrics": self._render_metrics,
-                    "tenants": self.tenant_figures,
+                    "tenants": self._tenant_figures,
                 },
                 metrics=self.metrics,
                 supervisor=self.supervisor,
             )
             self.recorder.on_result = self.api.forward_result
+        # At shutdown, awaited once this replica has drained, before it commits and
+        # leaves the group: the machine's workers leave together (gateway.worker.pool).
+        self.before_leaving_group: Callable[[], Awaitable[None]] | None = None
+        self.workers: Workers | None = None
+        if settings.workers > 1:
+            self.workers = Workers(
+                settings,
+                stop_bound_s=shutdown_bound_s(settings),
+                supervisor=self.supervisor,
+                on_result=self.api.forward_result if self.api is not None else None,
+            )
+            self.before_leaving_group = self.workers.drained
         self._assigned_once = False
         self.reloader = CatalogReloader(
             settings.tenants_dir,
@@ -290,6 +323,12 @@ class Gateway:
     def catalog(self) -> Catalog:
         """The catalog in force now."""
         return self._catalog
+
+    def reload_catalog(self) -> None:
+        """Read the catalog again now (SIGHUP), here and in every worker."""
+        self.reloader.reload()
+        if self.workers is not None:
+            self.workers.reload()
 
     def apply_catalog(self, catalog: Catalog) -> None:
         """Swap the catalog: new limits for new admissions; removed tenants' jobs are DLQ'd."""
@@ -329,15 +368,20 @@ class Gateway:
                 },
             )
 
+    def pool_figures(self) -> list[PoolFigures]:
+        """Per-tenant pool figures of this replica, parked records included."""
+        return list(self.pools.snapshot(self.admission.parking.counts()))
+
     async def tenant_figures(self) -> list[dict[str, object]]:
         """Per tenant of the catalog, as this replica sees it (the admin API's view)."""
-        pools = {figures.tenant: figures for figures in self.pools.snapshot()}
+        pools = {figures.tenant: figures for figures in self.pool_figures()}
         rows: list[dict[str, object]] = []
         for tenant in self._catalog:
             figures = pools.get(tenant.id)
             quota = tenant.quota
             queued = figures.queued if figures else 0
             deferred = figures.deferred if figures else 0
+            parked = figures.parked if figures else 0
             rows.append(
                 {
                     "tenant": tenant.id,
@@ -352,8 +396,9 @@ class Gateway:
                     "running": figures.running if figures else 0,
                     "queued": queued,
                     "deferred": deferred,
+                    "parked": parked,
                     "throttled": figures.throttled if figures else 0,
-                    "backlog": queued + deferred,
+                    "backlog": queued + deferred + parked,
                 }
             )
         return rows
@@ -369,7 +414,19 @@ class Gateway:
         return self.api.ops_port if self.api is not None else None
 
     async def _render_metrics(self) -> bytes:
-        return self.metrics.render()
+        if self.workers is None:
+            return self.metrics.render()
+        return await self.workers.render_metrics(self.metrics)
+
+    async def _readiness(self) -> list[str]:
+        # What GET /readyz answers: this process's reasons, then every worker's.
+        reasons = await self.not_ready_reasons()
+        return reasons if self.workers is None else await self.workers.readiness(reasons)
+
+    async def _tenant_figures(self) -> list[dict[str, object]]:
+        # The admin API's tenant table: this process's figures, plus every worker's.
+        rows = await self.tenant_figures()
+        return rows if self.workers is None else await self.workers.tenant_figures(rows)
 
     async def not_ready_reasons(self) -> list[str]:
         """Why this replica is not ready to serve (empty when it is)."""
@@ -422,7 +479,7 @@ class Gateway:
         cluster = self.settings.cluster
         while True:
             now = time.time()
-            local = self.pools.demand()
+            local = self.pools.demand(self.admission.parking.counts())
             report = admin_record(
                 self.settings.topics.control,
                 op="demand",
@@ -479,6 +536,9 @@ class Gateway:
         await wait_for_broker(self.settings.kafka)
         if self.settings.kafka.create_topics:
             await ensure_topics(self.settings.kafka, self.settings.topics)
+        if self.workers is not None:
+            # Now, so they join the group about when this process does: one rebalance.
+            self.workers.start()
         self._watch_task = self.supervisor.spawn(self._watch(), "gateway:watch")
         await self.outbox.start()
         await self.finished.start()
@@ -517,13 +577,20 @@ class Gateway:
     async def stop(self) -> None:
         """Shutdown order, in one place:
 
-        0. stop the HTTP API process (requests under way finish, bounded);
+        0. ask the workers to stop (each drains and commits as below, side by side with
+           this process); stop the HTTP API process (requests under way finish,
+           bounded);
         1. stop fetching; held retries/deferrals are dropped, not committed;
         2. stop starting jobs; running ones get `shutdown_grace_s` (at most 5 s after a
            failure), then are cancelled (their records stay uncommitted, redelivered);
         3. wait (bounded by the produce timeout) for the outbox: results, retries,
-           deferrals and dead letters already decided;
-        4. commit every finished record and leave the group;
+           deferrals and dead letters already decided; with workers, wait (bounded)
+           until every one of them has drained too (`before_leaving_group`), so no
+           member leaves the group while another still runs jobs;
+        4. commit every finished record and leave the group; only then stop watching
+           the loop (a drain may outlast the session timeout: the writers and the
+           commit tell a stall from it by the watch's ticks); wait for the workers
+           (each ends within its own shutdown bound, else it is killed);
         5. close the cancel listener (it still reached running jobs during the grace),
            the finished-jobs reader and the producer; stop renewing the Vault token;
            end whatever task is left.
@@ -532,6 +599,8 @@ class Gateway:
             return
         self._stopping = True
         self._stopped.set()
+        if self.workers is not None:
+            self.workers.request_stop()
         grace = self.settings.shutdown_grace_s
         if self._failed:
             grace = min(grace, _FAILED_GRACE_S)
@@ -541,12 +610,15 @@ class Gateway:
         steps += [
             ("reloader", self.reloader.stop),
             ("shares", lambda: self.supervisor.cancel(self._share_task)),
-            ("watch", lambda: self.supervisor.cancel(self._watch_task)),
             ("intake", self.intake.stop_fetching),
             ("admission", self.admission.stop),
             ("pools", lambda: self.pools.stop(grace)),
             ("outbox-drain", self._drain_outbox),
+            ("leave-together", self._before_leaving_group),
             ("commit", self.intake.close),
+            # Only now: the writers and the commit judge a stalled loop by its ticks.
+            ("watch", lambda: self.supervisor.cancel(self._watch_task)),
+            ("workers", self._stop_workers),
             ("control", self.control.stop),
             ("finished", self.finished.stop),
             ("outbox", self.outbox.stop),
@@ -561,6 +633,19 @@ class Gateway:
                 log.error("stop_step_failed", extra={"step": name, "error": type(exc).__name__})
                 self.exit_code = 1
         log.info("gateway_stopped", extra={"exit_code": self.exit_code})
+
+    async def _before_leaving_group(self) -> None:
+        if self.before_leaving_group is not None:
+            await self.before_leaving_group()
+
+    async def _stop_workers(self) -> None:
+        if self.workers is not None and not await self.workers.stop():
+            self.exit_code = 1  # a worker did not drain cleanly (its worker_stopped line says)
+
+    def abort(self) -> None:
+        """The process exits at once (a second signal): the workers end with it."""
+        if self.workers is not None:
+            self.workers.kill()
 
 
 def _exit_overdue(bound_s: float) -> None:
@@ -589,12 +674,26 @@ def dump_tasks() -> None:
 
 async def run_gateway(settings: Settings) -> tuple[int, str | None]:
     """`gateway run`: start, serve until SIGTERM/SIGINT, stop in order; a 2nd signal exits.
+    With `settings.workers` > 1 this process is worker 0 and runs the others.
     Returns the exit code and, when the start failed, why (one line)."""
     # Before anything holds a secret: the API process (same user) must not be able to
     # read this process's memory or environment.
     make_undumpable()
     loader = CatalogLoader(settings.tenants_dir, settings.policies_dir)
     gateway = Gateway(settings, loader.load(), loader=loader)
+    return await serve(gateway, stop_signals=(signal.SIGTERM, signal.SIGINT))
+
+
+async def serve(
+    gateway: Gateway,
+    *,
+    stop_signals: Sequence[signal.Signals],
+    on_started: Callable[[], None] | None = None,
+) -> tuple[int, str | None]:
+    """Start `gateway`, serve until one of `stop_signals` (or `request_stop`), stop in
+    order; a second signal exits at once. `on_started` runs once it has started.
+    Returns the exit code and, when the start failed, why (one line)."""
+    settings = gateway.settings
     loop = asyncio.get_running_loop()
     signals_seen = 0
 
@@ -603,13 +702,14 @@ async def run_gateway(settings: Settings) -> tuple[int, str | None]:
         signals_seen += 1
         if signals_seen > 1:
             log.warning("second_signal_exit")
+            gateway.abort()
             os._exit(130)
         log.info("shutdown_requested")
         gateway.request_stop()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in stop_signals:
         loop.add_signal_handler(sig, on_signal)
-    loop.add_signal_handler(signal.SIGHUP, gateway.reloader.reload)
+    loop.add_signal_handler(signal.SIGHUP, gateway.reload_catalog)
     loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
     try:
         # Start as a task: a SIGTERM during start-up (joining the group, waiting for the
@@ -623,6 +723,8 @@ async def run_gateway(settings: Settings) -> tuple[int, str | None]:
         else:
             starting.result()  # raises what the start raised
             tune_gc(settings)
+            if on_started is not None:
+                on_started()
             await stopping
         stopping.cancel()
     except GatewayError as exc:
@@ -632,12 +734,12 @@ async def run_gateway(settings: Settings) -> tuple[int, str | None]:
         gateway.exit_code = 1
     finally:
         # Whatever happens in the shutdown, the process ends within its bound.
-        bound = settings.shutdown_grace_s + settings.kafka.produce_timeout_s + 10.0
+        bound = shutdown_bound_s(settings)
         deadline = threading.Timer(bound, _exit_overdue, args=(bound,))
         deadline.daemon = True
         deadline.start()
         await gateway.stop()
         deadline.cancel()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        for sig in (*stop_signals, signal.SIGHUP, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
     return gateway.exit_code, gateway.failure

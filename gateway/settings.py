@@ -12,17 +12,21 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = [
+    "MAX_WORKERS",
     "ClusterSettings",
     "ControlSettings",
     "HttpSettings",
     "KafkaSettings",
     "OpsSettings",
+    "ParkingSettings",
     "RetrySettings",
     "Settings",
     "TopicSettings",
     "VaultSettings",
     "child_env",
     "load_settings",
+    "parse_workers",
+    "usable_cores",
 ]
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
@@ -177,6 +181,19 @@ class ClusterSettings(BaseModel):
     share_floor: float = Field(default=0.05, ge=0, le=1)
 
 
+class ParkingSettings(BaseModel):
+    """Overflow left in place on `jobs` and read again by offset (`gateway.parking`)."""
+
+    model_config = _FROZEN
+
+    # Parked records per replica past which overflow goes to jobs.deferred at once
+    # (0: never park). Each costs about 200 bytes of memory, whatever the record's size.
+    max_records: int = Field(default=100_000, ge=0)
+    # A record parked this long is written to jobs.deferred, so no partition's commit
+    # waits longer than this behind one tenant's backlog.
+    max_age_s: float = Field(default=60.0, gt=0)
+
+
 class RetrySettings(BaseModel):
     """Exponential backoff with full jitter for jobs.retry."""
 
@@ -191,6 +208,30 @@ class RetrySettings(BaseModel):
 
 def _default_replica() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
+
+
+# Most job processes one `gateway run` starts (`--workers`, GATEWAY_WORKERS).
+MAX_WORKERS = 256
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, where the platform has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def parse_workers(value: object) -> int:
+    """A worker count from `--workers` or GATEWAY_WORKERS: 1 to MAX_WORKERS, or `auto`
+    (one per usable core, at most MAX_WORKERS); ValueError naming what is accepted."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return min(usable_cores(), MAX_WORKERS)
+        value = int(text) if text.isdigit() else None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise ValueError(f"workers must be a whole number from 1 to {MAX_WORKERS}, or 'auto'")
+    return value
 
 
 class Settings(BaseSettings):
@@ -211,6 +252,7 @@ class Settings(BaseSettings):
     ops: OpsSettings = OpsSettings()
     control: ControlSettings = ControlSettings()
     cluster: ClusterSettings = ClusterSettings()
+    parking: ParkingSettings = ParkingSettings()
     retry: RetrySettings = RetrySettings()
     tenants_dir: Path = Path("tenants")
     policies_dir: Path = Path("policies")
@@ -242,6 +284,9 @@ class Settings(BaseSettings):
     max_tenant_series: int = Field(default=200, ge=1)
     # Terminal job ids remembered to skip redelivered work (idempotency).
     history_size: int = Field(default=200_000, ge=1)
+    # Job processes `gateway run` keeps on this machine, each a member of the consumer
+    # group (`gateway.worker`); `auto`: one per usable core. The CLI's --workers wins.
+    workers: int = Field(default=1, ge=1, le=MAX_WORKERS)
 
     @field_validator("flows", mode="before")
     @classmethod
@@ -249,6 +294,11 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _parse_workers(cls, value: object) -> int:
+        return parse_workers(value)
 
     @model_validator(mode="after")
     def _check_vault_auth(self) -> Settings:

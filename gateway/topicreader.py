@@ -10,7 +10,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from gateway.kafka import stop_consumer
+from gateway.kafka import groupless_consumer, stop_consumer
 from gateway.settings import KafkaSettings
 from gateway.tasks import Supervisor
 
@@ -52,15 +52,7 @@ class TopicReader:
 
     async def start(self) -> None:
         """Assign every partition of the topics and begin reading from the start."""
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._settings.bootstrap_servers,
-            client_id=f"{self._settings.client_id}-{self._name}",
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            fetch_max_wait_ms=self._settings.fetch_max_wait_ms,
-            request_timeout_ms=self._settings.request_timeout_ms,
-        )
+        consumer = groupless_consumer(self._settings, self._name)
         await consumer.start()
         self._consumer = consumer
         await consumer.topics()  # loads metadata for every topic

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +237,31 @@ async def read_topic(
         await consumer.stop()
 
 
+async def result_ids(settings: Settings) -> Counter[str]:
+    """How many results each job id has so far."""
+    records = await read_topic(settings, settings.topics.results, timeout_s=3.0)
+    return Counter(json.loads(r.value)["id"] for r in records)
+
+
+async def wait_all_results(settings: Settings, ids: set[str], timeout_s: float) -> Counter[str]:
+    """Result counts once every id in `ids` has one (bounded; fails naming the missing)."""
+    deadline = time.monotonic() + timeout_s
+    seen: Counter[str] = Counter()
+    while time.monotonic() < deadline:
+        seen = await result_ids(settings)
+        if ids <= set(seen):
+            return seen
+        await asyncio.sleep(0.5)
+    missing = ids - set(seen)
+    pytest.fail(f"{len(missing)} jobs without a result, e.g. {sorted(missing)[:5]}")
+
+
+async def results_at_least(settings: Settings, count: int) -> bool:
+    """At least `count` records on the results topic (duplicates included)."""
+    records = await read_topic(settings, settings.topics.results, timeout_s=1.0)
+    return len(records) >= count
+
+
 def results_by_id(records: list[Any]) -> dict[str, list[dict[str, Any]]]:
     """Result bodies grouped by job id."""
     grouped: dict[str, list[dict[str, Any]]] = {}
@@ -259,19 +287,32 @@ async def committed_offsets(settings: Settings, topic: str) -> dict[int, int | N
         await consumer.stop()
 
 
-class GatewayProcess:
-    """`python -m gateway run` as a real subprocess with its own log file."""
+async def all_committed(settings: Settings) -> bool:
+    """Whether the group has committed every `jobs` partition up to its end."""
+    records = await read_topic(settings, settings.topics.jobs, timeout_s=2)
+    ends: dict[int, int] = {}
+    for record in records:
+        ends[record.partition] = max(ends.get(record.partition, 0), record.offset + 1)
+    committed = await committed_offsets(settings, settings.topics.jobs)
+    return all(committed.get(p) == end for p, end in ends.items())
 
-    def __init__(self, settings: Settings, log_path: Path, **env: str) -> None:
+
+class GatewayProcess:
+    """`python -m gateway run [ARGS]` as a real subprocess with its own log file."""
+
+    def __init__(
+        self, settings: Settings, log_path: Path, args: Sequence[str] = (), **env: str
+    ) -> None:
         self.settings = settings
         self.log_path = log_path
+        self.args = list(args)
         self.env = {**settings_env(settings), **env}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run"],
+            [sys.executable, "-m", "gateway", "run", *self.args],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -301,14 +342,21 @@ class GatewayProcess:
                 lines.append({"raw": line})
         return lines
 
+    def events(self, event: str) -> list[dict[str, Any]]:
+        """Its log lines of one event, oldest first (a worker's lines are in its log too)."""
+        return [line for line in self.log_lines() if line.get("event") == event]
+
 
 @pytest.fixture
 def gateway_process(tmp_path: Path) -> Iterator[Any]:
     """Factory for gateway subprocesses; every one is killed at the end of the test."""
     started: list[GatewayProcess] = []
 
-    def make(settings: Settings, name: str = "gw", **env: str) -> GatewayProcess:
-        process = GatewayProcess(settings, tmp_path / f"{name}-{len(started)}.log", **env)
+    def make(
+        settings: Settings, name: str = "gw", args: Sequence[str] = (), **env: str
+    ) -> GatewayProcess:
+        path = tmp_path / f"{name}-{len(started)}.log"
+        process = GatewayProcess(settings, path, args, **env)
         started.append(process)
         return process
 
@@ -328,3 +376,42 @@ async def wait_for(predicate: Any, timeout_s: float, interval_s: float = 0.1) ->
             return
         await asyncio.sleep(interval_s)
     pytest.fail(f"condition not met within {timeout_s}s")
+
+
+def jobs_partitions(
+    process: GatewayProcess, jobs_topic: str, replica: str | None = None
+) -> set[int]:
+    """The `jobs` partitions a gateway (the one named `replica`, if given) owns after its
+    latest rebalance, from its log."""
+    assigned = [
+        line
+        for line in process.events("partitions_assigned")
+        if replica is None or line.get("replica") == replica
+    ]
+    if not assigned:
+        return set()
+    pattern = re.compile(rf"topic='{re.escape(jobs_topic)}', partition=(\d+)")
+    return {int(n) for p in assigned[-1]["partitions"] for n in pattern.findall(p)}
+
+
+def epoch(stamp: str) -> float:
+    """Seconds since the epoch of an RFC 3339 stamp of a result record."""
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+async def start_times(settings: Settings, tenant: str) -> list[float]:
+    """started_at of every result of `tenant`, sorted (read once the gateways stopped)."""
+    records = await read_topic(settings, settings.topics.results, timeout_s=30)
+    bodies = [json.loads(r.value) for r in records]
+    assert all(b["status"] == "succeeded" for b in bodies)
+    return sorted(epoch(b["started_at"]) for b in bodies if b["tenant"] == tenant)
+
+
+def rate_between(starts: list[float], begin: float, end: float) -> float:
+    """Starts per second in [begin, end)."""
+    return sum(1 for s in starts if begin <= s < end) / (end - begin)
+
+
+async def first_result(settings: Settings) -> None:
+    """Wait (bounded) until `jobs.results` has a record."""
+    await read_topic(settings, settings.topics.results, until=1, timeout_s=60)

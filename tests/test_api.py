@@ -34,11 +34,12 @@ from penguiflow import Headers, Message, Node, NodePolicy
 from pydantic import SecretStr
 from starlette.routing import Route
 
-from gateway.api.channel import Channel, ChannelError, Denied, LogLine
+from gateway.api.channel import ChannelError, Denied, LogLine, open_channel
 from gateway.api.statusview import StatusView
-from gateway.api.supervisor import child_environ, child_settings
+from gateway.api.supervisor import child_settings
 from gateway.api.tenant import TenantApi
 from gateway.catalog import load_catalog
+from gateway.child import child_environ
 from gateway.dev.services import Tansu
 from gateway.flows import FlowGraph, JobContext, JobTypes, builtin_job_types
 from gateway.observability import JsonFormatter
@@ -46,7 +47,7 @@ from gateway.service import Gateway, ensure_topics
 from gateway.settings import Settings, VaultSettings
 from gateway.tasks import Supervisor
 
-from conftest import committed_offsets, make_settings, read_topic, wait_for
+from conftest import all_committed, make_settings, read_topic, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -187,15 +188,6 @@ async def denials(live: Live, tenant: str, action: str) -> float:
     )
     found = re.search(pattern, text, re.MULTILINE)
     return float(found[1]) if found else 0.0
-
-
-async def all_committed(settings: Settings) -> bool:
-    records = await read_topic(settings, settings.topics.jobs, timeout_s=2)
-    ends: dict[int, int | None] = {}
-    for record in records:
-        ends[record.partition] = max(ends.get(record.partition) or 0, record.offset + 1)
-    committed = await committed_offsets(settings, settings.topics.jobs)
-    return all(committed.get(p) == end for p, end in ends.items())
 
 
 def schema_check(document: dict[str, Any], name: str, body: Any) -> None:
@@ -746,8 +738,8 @@ async def test_the_gateway_reads_only_checked_json_from_the_api_process() -> Non
     # The API process faces the network; a pickle from it (code, if it were loaded) is a
     # bad frame, never unpickled, and so is a deep or unknown message.
     ours, theirs = socket.socketpair()
-    gateway_end = await Channel.open(ours, "gateway")
-    api_end = await Channel.open(theirs, "api")
+    gateway_end = await open_channel(ours, "gateway")
+    api_end = await open_channel(theirs, "api")
     try:
         api_end.send(Denied("acme", "j1", "get", "127.0.0.1:1"))
         assert await gateway_end.receive() == Denied("acme", "j1", "get", "127.0.0.1:1")

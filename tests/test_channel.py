@@ -19,17 +19,19 @@ import pytest
 from gateway.api.channel import (
     MAX_FRAME_FROM_API,
     Call,
-    Channel,
     ChannelError,
     Denied,
     LogLine,
     ResultReady,
     Started,
+    codec,
     decode_from_api,
     encode_from_api,
+    open_channel,
 )
 from gateway.api.supervisor import ApiProcess
 from gateway.catalog import load_catalog
+from gateway.child import Child
 from gateway.metrics import Metrics
 from gateway.records import JobStatus, Status
 from gateway.settings import Settings
@@ -106,7 +108,7 @@ def test_every_message_round_trips() -> None:
 
 async def test_oversized_frame_closes_the_channel() -> None:
     ours, theirs = socket.socketpair()
-    gateway_end = await Channel.open(ours, "gateway")
+    gateway_end = await open_channel(ours, "gateway")
     try:
         theirs.sendall(struct.pack(">I", MAX_FRAME_FROM_API + 1))
         with pytest.raises(ChannelError):
@@ -119,7 +121,7 @@ async def test_oversized_frame_closes_the_channel() -> None:
 
 async def test_results_to_a_reader_that_stalls_are_dropped_not_buffered() -> None:
     ours, theirs = socket.socketpair()
-    gateway_end = await Channel.open(ours, "gateway")
+    gateway_end = await open_channel(ours, "gateway")
     try:
         status = JobStatus("acme", "j", Status.SUCCEEDED, 1, "t")
         for _ in range(200):  # 200 MiB offered to a process that reads nothing
@@ -135,22 +137,25 @@ async def test_results_to_a_reader_that_stalls_are_dropped_not_buffered() -> Non
 async def test_a_bad_frame_gets_the_api_process_replaced(tmp_path: Path) -> None:
     # The channel reader survives a hostile frame and kills the process that sent it;
     # the supervisor then starts a new one (seen in test_api's restart test).
-    settings = Settings(tenants_dir=ROOT / "tenants", policies_dir=ROOT / "policies")
-    catalog = load_catalog(settings.tenants_dir, settings.policies_dir)
-    api = ApiProcess(
-        settings,
-        lambda: catalog,
-        ["echo"],
-        answers={},
-        metrics=Metrics(),
-        supervisor=Supervisor(),
+    api = Child(
+        "HTTP API process",
+        "api_process",
+        "gateway.api",
+        codec=codec("gateway"),
+        channel_name="api",
+        greeting=lambda: None,
+        on_message=lambda _: None,
+        tasks=Supervisor(),
+        logger=logging.getLogger("test"),
+        start_timeout_s=1.0,
+        stop_timeout_s=1.0,
     )
     proc = await asyncio.create_subprocess_exec(sys.executable, "-c", "import time; time.sleep(60)")
     ours, theirs = socket.socketpair()
-    channel = await Channel.open(ours, "gateway")
+    channel = await open_channel(ours, "gateway")
     started = asyncio.Event()
     try:
-        reader = asyncio.create_task(api._serve_channel(channel, proc, started))
+        reader = asyncio.create_task(api._read(channel, proc, started))
         theirs.sendall(frame(b"[" * 50_000 + b"]" * 50_000))
         await asyncio.wait_for(reader, 10)  # the reader ends, it does not crash
         assert reader.exception() is None

@@ -11,7 +11,7 @@ LIMITS = TenantLimits(1, 1.0, 1, 1, 1)
 
 
 def figures(tenant: str, started: int = 0, running: int = 0) -> PoolFigures:
-    return PoolFigures(tenant, 0, running, 0, started, 0, started, False, LIMITS)
+    return PoolFigures(tenant, 0, running, 0, 0, started, 0, started, False, LIMITS)
 
 
 def scrape(collector: PoolCollector, name: str) -> dict[str, float]:

@@ -165,7 +165,7 @@ async def test_a_finished_job_sent_again_is_not_run_again(
     running = Gateway(settings, load_catalog(settings.tenants_dir, settings.policies_dir))
     await running.start()
     try:
-        records = await read_topic(settings, results, until=7, settle_s=1.0)
+        records = await read_topic(settings, results, until=6, settle_s=1.0)
     finally:
         await running.stop()
     bodies = [json.loads(r.value) for r in records]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -93,6 +94,22 @@ def _gateway(env: dict[str, str], tmp_path: Path) -> subprocess.Popen[str]:
     )
 
 
+def _read_until(process: subprocess.Popen[str], text: str, timeout_s: float) -> str:
+    """The process's stderr up to the first line containing `text` (bounded)."""
+    assert process.stderr is not None
+    deadline = time.monotonic() + timeout_s
+    lines: list[str] = []
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([process.stderr], [], [], 0.5)
+        if ready:
+            line = process.stderr.readline()
+            lines.append(line)
+            if text in line or not line:
+                break
+    assert any(text in line for line in lines), "".join(lines)
+    return "".join(lines)
+
+
 def test_without_a_broker_it_retries_then_says_what_to_change(tmp_path: Path) -> None:
     process = _gateway(
         {
@@ -139,10 +156,11 @@ def test_sigterm_while_waiting_for_the_broker_ends_at_once(tmp_path: Path) -> No
         },
         tmp_path,
     )
-    time.sleep(3)
+    seen = _read_until(process, '"broker_waiting"', 60)  # start-up is under way
     began = time.monotonic()
     process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=30)
+    _, rest = process.communicate(timeout=30)
+    err = seen + rest
     assert time.monotonic() - began < 10
     assert process.returncode == 0
     assert '"start_interrupted"' in err

@@ -104,3 +104,46 @@ def test_in_flight_bytes_count_each_unfinished_record_once(
         unfinished = [i for i in range(len(sizes)) if i not in done]
         assert tracker.in_flight("p") == len(unfinished)
         assert tracker.in_flight_bytes("p") == sum(sizes[i] for i in unfinished)
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["park", "unpark", "finish"]), st.integers(0, 19)),
+        max_size=120,
+    )
+)
+def test_parked_records_hold_the_commit_but_not_the_memory_bounds(
+    steps: list[tuple[str, int]],
+) -> None:
+    tracker = OffsetTracker()
+    tickets = [tracker.track("p", offset, 100) for offset in range(20)]
+    parked: set[int] = set()
+    done: set[int] = set()
+    for action, index in steps:
+        ticket = tickets[index]
+        if action == "park":
+            tracker.park(ticket)
+            if index not in done:
+                parked.add(index)
+        elif action == "unpark":
+            assert tracker.unpark(ticket, 100) == (index in parked)
+            parked.discard(index)
+        else:
+            tracker.finish(ticket)
+            done.add(index)
+            parked.discard(index)
+        held = [i for i in range(20) if i not in done and i not in parked]
+        assert tracker.in_flight("p") == len(held)
+        assert tracker.in_flight_bytes("p") == 100 * len(held)
+        unfinished = [i for i in range(20) if i not in done]
+        assert tracker.commit_point("p") == (min(unfinished) if unfinished else 20)
+
+
+def test_a_revoked_partitions_parked_ticket_is_not_read_again() -> None:
+    tracker = OffsetTracker()
+    ticket = tracker.track("p", 0, 10)
+    tracker.park(ticket)
+    tracker.revoke("p")
+    tracker.assign("p")
+    assert not tracker.live(ticket)
+    assert not tracker.unpark(ticket, 10)

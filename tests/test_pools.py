@@ -17,7 +17,7 @@ from gateway.catalog import load_catalog
 from gateway.service import Gateway
 from gateway.settings import Settings
 
-from conftest import JobClient, quota_tenant, read_topic
+from conftest import JobClient, all_committed, quota_tenant, read_topic, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -54,6 +54,16 @@ async def test_flood_does_not_delay_quiet_tenant_and_nothing_is_lost(
     gateway: Gateway, client: JobClient
 ) -> None:
     settings = client.settings
+    parking = gateway.admission.parking
+    most_parked = 0
+
+    async def watch_parking() -> None:
+        nonlocal most_parked
+        while True:
+            most_parked = max(most_parked, parking.total)
+            await asyncio.sleep(0.05)
+
+    watcher = asyncio.create_task(watch_parking())
     flood_ids = {f"f{n}" for n in range(5000)}
     for n in range(5000):
         await client.job("flood", f"f{n}", "sleep", seconds=0.01)
@@ -78,9 +88,40 @@ async def test_flood_does_not_delay_quiet_tenant_and_nothing_is_lost(
     # its rate) plus broker round trips, not behind the flood's 5,000 jobs.
     assert delays[-1] < 1.5, delays
 
-    deferred = await read_topic(settings, settings.topics.deferred, timeout_s=5)
-    assert deferred, "the flood overflowed its buffer to jobs.deferred"
-    assert all(dict(r.headers)["tenant"] == b"flood" for r in deferred)
+    # The overflow was left in place on `jobs` and read again by offset: nothing went
+    # around jobs.deferred, and once it was worked off every partition committed to its end.
+    watcher.cancel()
+    assert most_parked > 1000, most_parked
+    assert parking.total == 0
+    assert await read_topic(settings, settings.topics.deferred, timeout_s=1) == []
+    await wait_for(lambda: all_committed(settings), 15, 0.3)
+
+
+async def test_parked_overflow_older_than_its_bound_goes_to_jobs_deferred(
+    settings: Settings, client: JobClient, tmp_path: Path
+) -> None:
+    # A slow tenant's backlog must not hold its partitions' commits for longer than
+    # GATEWAY_PARKING__MAX_AGE_S: past it, parked records go to jobs.deferred (and
+    # past GATEWAY_PARKING__MAX_RECORDS they are deferred at once).
+    quotas = {"slow": {"conc": 2, "rate": 30, "burst": 2, "queued": 10}}
+    parking = settings.parking.model_copy(update={"max_records": 100, "max_age_s": 1.0})
+    async with running_gateway(settings, tmp_path, quotas, parking=parking) as gateway:
+        for n in range(200):
+            await client.job("slow", f"s{n}", "echo", n=n)
+        await client.flush()
+        # At 30 jobs/s the backlog takes about 7 s; its commits do not wait for that.
+        await wait_for(lambda: all_committed(settings), 10, 0.3)
+        finished = await read_topic(settings, settings.topics.results, timeout_s=1)
+        assert len(finished) < 150, "committed only once the backlog was worked off"
+        assert gateway.admission.parking.spilled > 0
+        records = await read_topic(
+            settings, settings.topics.results, until=200, timeout_s=60, settle_s=0.3
+        )
+    assert {json.loads(r.value)["id"] for r in records} == {f"s{n}" for n in range(200)}
+    deferred = await read_topic(settings, settings.topics.deferred, timeout_s=2)
+    deferred_ids = {json.loads(r.value)["id"] for r in deferred}
+    # Beyond the parking bound at once, then the parked ones as they aged.
+    assert 90 <= len(deferred_ids) < 200, len(deferred_ids)
 
 
 async def test_overflow_of_a_concurrency_bound_tenant_comes_back_paced(
@@ -90,7 +131,8 @@ async def test_overflow_of_a_concurrency_bound_tenant_comes_back_paced(
     # deferral delay cannot come from the rate alone (it used to be the 50 ms floor,
     # and the overflow bounced between a full buffer and jobs.deferred all run long).
     quotas = {"slow": {"conc": 4, "rate": 100000, "burst": 100000, "queued": 40}}
-    async with running_gateway(settings, tmp_path, quotas):
+    no_parking = settings.parking.model_copy(update={"max_records": 0})
+    async with running_gateway(settings, tmp_path, quotas, parking=no_parking):
         await client.job("slow", "warm", "sleep", seconds=0.02)  # one hold time measured
         await client.flush()
         await read_topic(settings, settings.topics.results, until=1, timeout_s=30)
@@ -120,7 +162,8 @@ async def test_held_deferrals_pause_only_the_delayed_topics(
         "flood": {"conc": 16, "rate": 300, "burst": 10, "queued": 20},
         "quiet": {"conc": 4, "rate": 50, "burst": 5, "queued": 50},
     }
-    async with running_gateway(settings, tmp_path, quotas, max_buffered=600):
+    no_parking = settings.parking.model_copy(update={"max_records": 0})
+    async with running_gateway(settings, tmp_path, quotas, max_buffered=600, parking=no_parking):
         with caplog.at_level(logging.INFO, logger="gateway.intake"):
             for n in range(3000):
                 await client.job("flood", f"f{n}", "echo", n=n)

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import signal
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,42 +18,17 @@ import pytest
 
 from gateway.settings import Settings
 
-from conftest import GatewayProcess, JobClient, quota_tenant, read_topic, wait_for
+from conftest import (
+    JobClient,
+    first_result,
+    jobs_partitions,
+    quota_tenant,
+    rate_between,
+    start_times,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _epoch(stamp: str) -> float:
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
-
-
-async def _start_times(settings: Settings, tenant: str) -> list[float]:
-    """started_at of every result of `tenant`, sorted (read once the gateways stopped)."""
-    records = await read_topic(settings, settings.topics.results, timeout_s=30)
-    bodies = [json.loads(r.value) for r in records]
-    assert all(b["status"] == "succeeded" for b in bodies)
-    return sorted(_epoch(b["started_at"]) for b in bodies if b["tenant"] == tenant)
-
-
-def _rate(starts: list[float], begin: float, end: float) -> float:
-    return sum(1 for s in starts if begin <= s < end) / (end - begin)
-
-
-async def _first_result(settings: Settings) -> None:
-    await read_topic(settings, settings.topics.results, until=1, timeout_s=60)
-
-
-def _events(process: GatewayProcess, event: str) -> list[dict[str, Any]]:
-    return [line for line in process.log_lines() if line.get("event") == event]
-
-
-def _jobs_partitions(process: GatewayProcess, jobs_topic: str) -> set[int]:
-    """The `jobs` partitions a gateway owns after its latest rebalance, from its log."""
-    assigned = _events(process, "partitions_assigned")
-    if not assigned:
-        return set()
-    pattern = re.compile(rf"topic='{re.escape(jobs_topic)}', partition=(\d+)")
-    return {int(n) for p in assigned[-1]["partitions"] for n in pattern.findall(p)}
 
 
 async def test_hot_reload_changes_the_measured_start_rate(
@@ -73,21 +46,21 @@ async def test_hot_reload_changes_the_measured_start_rate(
     for n in range(300):
         await client.job("tuned", f"j{n}", "echo", n=n)
     await client.flush()
-    await _first_result(configured)
+    await first_result(configured)
     await asyncio.sleep(4.5)
 
     path.write_text(quota_tenant("tuned", conc=20, rate=20, burst=1, queued=500))
     process.signal(signal.SIGHUP)
-    await wait_for(lambda: _events(process, "catalog_reloaded"), 10)
-    reloaded = _events(process, "catalog_reloaded")[0]["ts"]
+    await wait_for(lambda: process.events("catalog_reloaded"), 10)
+    reloaded = process.events("catalog_reloaded")[0]["ts"]
     await asyncio.sleep(5.0)
     process.signal(signal.SIGTERM)
     assert process.wait(30) == 0
 
-    starts = await _start_times(configured, "tuned")
+    starts = await start_times(configured, "tuned")
     # Skip the first second (the bucket starts full) and half a second around the reload.
-    before = _rate(starts, starts[0] + 1.0, reloaded)
-    after = _rate(starts, reloaded + 0.5, reloaded + 4.5)
+    before = rate_between(starts, starts[0] + 1.0, reloaded)
+    after = rate_between(starts, reloaded + 0.5, reloaded + 4.5)
     assert 5 * 0.7 <= before <= 5 * 1.3, f"{before:.1f}/s at 5/s"
     assert 20 * 0.7 <= after <= 20 * 1.3, f"{after:.1f}/s at 20/s"
     assert after >= 2.5 * before, (before, after)
@@ -116,11 +89,11 @@ async def test_two_replicas_hold_each_tenant_to_its_rate_however_records_are_key
     jobs_topic, partitions = configured.topics.jobs, configured.kafka.partitions
 
     def split() -> bool:
-        owned = [_jobs_partitions(r, jobs_topic) for r in replicas]
+        owned = [jobs_partitions(r, jobs_topic) for r in replicas]
         return all(owned) and sorted(p for o in owned for p in o) == list(range(partitions))
 
     await wait_for(split, 30)
-    assigned = [_jobs_partitions(r, jobs_topic) for r in replicas]
+    assigned = [jobs_partitions(r, jobs_topic) for r in replicas]
     first, second = sorted(assigned[0]), sorted(assigned[1])
     for n in range(500):
         await client.job("byjob", f"j{n}", "sleep", seconds=0.02)
@@ -132,18 +105,18 @@ async def test_two_replicas_hold_each_tenant_to_its_rate_however_records_are_key
             jobs_topic, value.encode(), partition=where, headers=[("tenant", b"skewed")]
         )
     await client.flush()
-    await _first_result(configured)
+    await first_result(configured)
     await asyncio.sleep(9.0)
     for replica in replicas:
         replica.signal(signal.SIGTERM)
     for replica in replicas:
         assert replica.wait(30) == 0
-    assert [_jobs_partitions(r, jobs_topic) for r in replicas] == assigned, "rebalanced"
+    assert [jobs_partitions(r, jobs_topic) for r in replicas] == assigned, "rebalanced"
 
     rates = {}
     for tenant in ("byjob", "bytenant", "skewed"):
-        starts = await _start_times(configured, tenant)
-        rates[tenant] = _rate(starts, starts[0] + 1.5, starts[0] + 8.5)
+        starts = await start_times(configured, tenant)
+        rates[tenant] = rate_between(starts, starts[0] + 1.5, starts[0] + 8.5)
     # Without shares by demand: byjob ran at 40/s only because it is spread evenly;
     # bytenant got one replica's half (20/s); skewed ran above its quota.
     for tenant, rate in rates.items():

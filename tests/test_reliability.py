@@ -7,79 +7,104 @@ import json
 import random
 import signal
 import time
-from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gateway.settings import Settings
 
-from conftest import JobClient, read_topic, results_by_id, wait_for
+from conftest import (
+    JobClient,
+    committed_offsets,
+    quota_tenant,
+    read_topic,
+    result_ids,
+    results_at_least,
+    results_by_id,
+    wait_all_results,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-async def result_ids(settings: Settings) -> Counter[str]:
-    records = await read_topic(settings, settings.topics.results, timeout_s=3.0)
-    return Counter(json.loads(r.value)["id"] for r in records)
-
-
-async def wait_all_results(settings: Settings, ids: set[str], timeout_s: float) -> Counter[str]:
-    deadline = time.monotonic() + timeout_s
-    seen: Counter[str] = Counter()
-    while time.monotonic() < deadline:
-        seen = await result_ids(settings)
-        if ids <= set(seen):
-            return seen
-        await asyncio.sleep(0.5)
-    missing = ids - set(seen)
-    pytest.fail(f"{len(missing)} jobs without a result, e.g. {sorted(missing)[:5]}")
+async def crash_and_recover(
+    settings: Settings, gateway_process: Any, ids: set[str], progress: int
+) -> None:
+    """SIGKILL a gateway at a random point once `progress` results are out, start another,
+    and check every job got a result, with duplicates only from work in flight at the
+    crash (its commits were behind)."""
+    first = gateway_process(settings, "first")
+    first.start()
+    await wait_for(lambda: results_at_least(settings, progress), 60)
+    await asyncio.sleep(random.uniform(0.0, 1.5))
+    first.signal(signal.SIGKILL)
+    first.wait(10)
+    second = gateway_process(settings, "second")
+    second.start()
+    seen = await wait_all_results(settings, ids, 120)
+    duplicates = sum(count - 1 for count in seen.values() if count > 1)
+    print(f"crash test: {len(ids)} jobs, {duplicates} duplicate results")
+    assert duplicates <= settings.max_inflight + settings.kafka.max_poll_records
+    second.signal(signal.SIGTERM)
+    assert second.wait(30) == 0
 
 
 async def test_sigkill_mid_run_loses_nothing(
     settings: Settings, client: JobClient, gateway_process: Any
 ) -> None:
-    inflight_bound = 64
-    run_settings = settings.model_copy(update={"max_inflight": inflight_bound})
-    first = gateway_process(run_settings, "first")
-    first.start()
+    run_settings = settings.model_copy(update={"max_inflight": 64})
     ids = {f"c{n}" for n in range(3000)}
     for n in range(3000):
         await client.job("initech" if n % 2 else "acme", f"c{n}", "sleep", seconds=0.005)
     await client.flush()
-    # Kill at a random point once work is flowing.
-    await wait_for(lambda: _progress(run_settings, 200), 60)
-    await asyncio.sleep(random.uniform(0.0, 1.5))
-    first.signal(signal.SIGKILL)
-    first.wait(10)
-    second = gateway_process(run_settings, "second")
-    second.start()
-    seen = await wait_all_results(run_settings, ids, 120)
-    duplicates = sum(count - 1 for count in seen.values() if count > 1)
-    print(f"crash test: {len(ids)} jobs, {duplicates} duplicate results")
-    # Duplicates come only from work in flight at the crash, whose commits were behind.
-    assert duplicates <= inflight_bound + run_settings.kafka.max_poll_records
-    second.signal(signal.SIGTERM)
-    assert second.wait(30) == 0
+    await crash_and_recover(run_settings, gateway_process, ids, progress=200)
 
 
-async def _progress(settings: Settings, count: int) -> bool:
-    records = await read_topic(settings, settings.topics.results, timeout_s=1.0)
-    return len(records) >= count
+def _small_buffers(settings: Settings, tmp_path: Path) -> Settings:
+    """`settings` over two tenants whose buffers a burst overflows (it gets parked)."""
+    tenants = tmp_path / "small-buffers"
+    tenants.mkdir()
+    quotas = {
+        "burst": {"conc": 8, "rate": 300, "burst": 20, "queued": 20},
+        "calm": {"conc": 4, "rate": 50, "burst": 5, "queued": 10},
+    }
+    for tenant_id, quota in quotas.items():
+        (tenants / f"{tenant_id}.toml").write_text(quota_tenant(tenant_id, **quota))
+    return settings.model_copy(update={"tenants_dir": tenants})
+
+
+async def test_sigkill_with_parked_overflow_loses_nothing(
+    settings: Settings, client: JobClient, gateway_process: Any, tmp_path: Path
+) -> None:
+    # Parked records hold their partitions' commits back; killed with thousands parked,
+    # the next process reads them again from the committed offsets, and the jobs that
+    # had finished meanwhile are recognised (jobs.results), not run again.
+    run_settings = _small_buffers(settings, tmp_path)
+    ids = {f"b{n}" for n in range(2000)} | {f"c{n}" for n in range(100)}
+    for n in range(2000):
+        await client.job("burst", f"b{n}", "echo", n=n)
+        if n % 20 == 0:
+            await client.job("calm", f"c{n // 20}", "echo", n=n)
+    await client.flush()
+    await crash_and_recover(run_settings, gateway_process, ids, progress=300)
 
 
 async def test_rebalance_when_a_replica_stops(
-    settings: Settings, client: JobClient, gateway_process: Any
+    settings: Settings, client: JobClient, gateway_process: Any, tmp_path: Path
 ) -> None:
+    # Small buffers: both replicas hold parked records when one of them leaves.
+    settings = _small_buffers(settings, tmp_path)
     one = gateway_process(settings, "one")
     two = gateway_process(settings, "two")
     one.start()
     two.start()
     ids = {f"r{n}" for n in range(800)}
     for n in range(800):
-        await client.job("acme" if n % 2 else "initech", f"r{n}", "sleep", seconds=0.01)
+        await client.job("burst" if n % 2 else "calm", f"r{n}", "sleep", seconds=0.01)
     await client.flush()
-    await wait_for(lambda: _progress(settings, 100), 60)
+    await wait_for(lambda: results_at_least(settings, 100), 60)
     two.signal(signal.SIGTERM)
     assert two.wait(40) == 0
     seen = await wait_all_results(settings, ids, 120)
@@ -200,7 +225,7 @@ async def test_a_replica_that_slept_through_its_session_writes_nothing_and_exits
     for n in range(300):
         await client.job("acme" if n % 2 else "initech", f"z{n}", "sleep", seconds=0.05)
     await client.flush()
-    await wait_for(lambda: _progress(settings, 20), 60)
+    await wait_for(lambda: results_at_least(settings, 20), 60)
     frozen.signal(signal.SIGSTOP)
     await asyncio.sleep(settings.kafka.session_timeout_ms / 1000 + 3)
     stopped_results = len(await read_topic(settings, settings.topics.results, timeout_s=2))
@@ -217,3 +242,27 @@ async def test_a_replica_that_slept_through_its_session_writes_nothing_and_exits
     assert sum(count - 1 for count in seen.values()) == 0, "a job got two results"
     successor.signal(signal.SIGTERM)
     assert successor.wait(30) == 0
+
+
+async def test_a_drain_longer_than_the_session_timeout_still_writes_and_commits(
+    settings: Settings, client: JobClient, gateway_process: Any
+) -> None:
+    # The grace may outlast the session timeout: a job that ends late in the drain is
+    # still published and committed, not taken for the work of a replica that slept
+    # through its session (the loop watch ticks until the commit).
+    kafka = settings.kafka.model_copy(
+        update={"session_timeout_ms": 3000, "heartbeat_interval_ms": 300}
+    )
+    configured = settings.model_copy(update={"kafka": kafka, "shutdown_grace_s": 8.0})
+    process = gateway_process(configured, "long-drain")
+    process.start()
+    ids = {f"d{n}" for n in range(4)}
+    for job_id in sorted(ids):
+        await client.job("acme", job_id, "sleep", seconds=5)
+    await client.flush()
+    await read_topic(configured, configured.topics.status, until=4, timeout_s=60)
+    process.signal(signal.SIGTERM)
+    assert process.wait(30) == 0
+    assert await result_ids(configured) == dict.fromkeys(ids, 1)
+    committed = await committed_offsets(configured, configured.topics.jobs)
+    assert sum(offset or 0 for offset in committed.values()) == len(ids)

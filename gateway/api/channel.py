@@ -11,25 +11,23 @@ API process faces the network and the gateway process holds the Vault credential
   fields, so the API process can neither forge audit lines nor flood the gateway's
   log. Anything else is a `ChannelError`, and the gateway replaces the API process.
 
-`send` never blocks the loop: it buffers, and droppable messages (log lines one way,
-forwarded results the other) are dropped while the other side is not reading.
+The framing, calls and replies are `gateway.channel`'s; `open_channel` opens either end.
+`send` never blocks the loop: droppable messages (log lines one way, forwarded results
+the other) are dropped while the other side is not reading.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 import pickle
 import re
 import socket
-import struct
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from gateway.catalog import Catalog
+from gateway.channel import Call, Channel, ChannelError, Codec, Reply, Started, Stop
 from gateway.records import JobStatus
 from gateway.settings import Settings
 
@@ -53,18 +51,14 @@ __all__ = [
     "Started",
     "Stop",
     "ToApi",
+    "codec",
     "decode_from_api",
     "encode_from_api",
+    "open_channel",
 ]
 
-log = logging.getLogger("gateway.api.channel")
-
-_HEADER = struct.Struct(">I")
 MAX_FRAME_FROM_API = 1024 * 1024
 MAX_FRAME_TO_API = 256 * 1024 * 1024
-# Unsent bytes past which droppable messages are dropped rather than buffered.
-_MAX_BUFFERED_BYTES = 8 * 1024 * 1024
-_CALL_TIMEOUT_S = 10.0
 
 # What the API process may ask the gateway, the actions a denial can name, and the
 # admin actions it reports for the audit log.
@@ -96,10 +90,6 @@ _MAX_FIELDS = 24
 _MAX_TEXT = 1024
 
 
-class ChannelError(Exception):
-    """A frame that is not a message this side accepts."""
-
-
 # -- gateway -> API process ----------------------------------------------------------
 
 
@@ -127,28 +117,12 @@ class ResultReady:
     status: JobStatus
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """The answer to a `Call`."""
-
-    call_id: int
-    value: Any = field(repr=False)
-
-
-@dataclass(frozen=True, slots=True)
-class Stop:
-    """Stop serving (requests under way finish, bounded)."""
-
-
+# Also `Reply` (to the API process's `Call`s) and `Stop` (stop serving; requests under
+# way finish, bounded), from gateway.channel.
 ToApi = Init | CatalogChanged | ResultReady | Reply | Stop
 
 
 # -- API process -> gateway (JSON, checked on arrival) --------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Started:
-    """The API process serves."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,14 +156,8 @@ class AdminDone:
     detail: str
 
 
-@dataclass(frozen=True, slots=True)
-class Call:
-    """A question for the gateway (`op` in CALLS); answered by a `Reply`."""
-
-    call_id: int
-    op: str
-
-
+# Also `Started` (the API process serves) and `Call` (a question for the gateway, `op`
+# in CALLS), from gateway.channel.
 FromApi = Started | LogLine | Denied | AdminDone | Call
 
 
@@ -266,102 +234,26 @@ def decode_from_api(data: bytes) -> FromApi:
     raise ChannelError(f"unknown message {tag[:32]!r}")
 
 
-class Channel:
-    """One end of the socket pair: `side` says which, and so what it sends and accepts."""
+def _encode_to_api(message: ToApi) -> bytes:
+    return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
 
-    def __init__(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        side: Literal["gateway", "api"],
-    ) -> None:
-        self._reader = reader
-        self._writer = writer
-        self._side = side
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.get_ident()
-        self._calls: dict[int, asyncio.Future[Any]] = {}
-        self._next_id = 0
-        self.closed = False
-        self.dropped = 0
 
-    @classmethod
-    async def open(cls, sock: socket.socket, side: Literal["gateway", "api"]) -> Channel:
-        """Wrap a connected socket (one end of a socket pair)."""
-        reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_FRAME_FROM_API)
-        return cls(reader, writer, side)
+def _decode_to_api(data: bytes) -> ToApi:
+    message: ToApi = pickle.loads(data)  # noqa: S301  # only ever from the gateway process
+    return message
 
-    def send(self, message: ToApi | FromApi, *, droppable: bool = False) -> None:
-        """Queue one message (from any thread); dropped once the channel is closed, and
-        when `droppable` while the other side has fallen behind."""
-        if threading.get_ident() != self._thread:
-            self._loop.call_soon_threadsafe(lambda: self.send(message, droppable=droppable))
-            return
-        if self.closed or self._writer.is_closing():
-            return
-        if droppable and self._writer.transport.get_write_buffer_size() > _MAX_BUFFERED_BYTES:
-            self.dropped += 1
-            return
-        if self._side == "gateway":
-            data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        else:
-            assert isinstance(message, Started | LogLine | Denied | AdminDone | Call)
-            data = encode_from_api(message)
-        self._writer.write(_HEADER.pack(len(data)) + data)
 
-    async def receive(self) -> Any:
-        """The next message, or None once the other end has closed. On the gateway's
-        side a frame that is not a valid message raises ChannelError."""
-        limit = MAX_FRAME_FROM_API if self._side == "gateway" else MAX_FRAME_TO_API
-        try:
-            size = _HEADER.unpack(await self._reader.readexactly(_HEADER.size))[0]
-            data = await self._reader.readexactly(size) if size <= limit else None
-        except (asyncio.IncompleteReadError, ConnectionError):
-            self._close_calls()
-            return None
-        if data is None:
-            self._close_calls()
-            raise ChannelError(f"a frame of {size} bytes")
-        if self._side == "gateway":
-            try:
-                return decode_from_api(data)
-            except ChannelError:
-                self._close_calls()
-                raise
-        message = pickle.loads(data)  # noqa: S301  # only ever from the gateway process
-        if isinstance(message, Reply):
-            self._resolve(message)
-        return message
+_CODECS = {
+    "gateway": Codec(_encode_to_api, decode_from_api, MAX_FRAME_FROM_API),
+    "api": Codec(encode_from_api, _decode_to_api, MAX_FRAME_TO_API),
+}
 
-    async def call(self, op: str) -> Any:
-        """Ask the gateway (API side); raises ConnectionError if it is gone, TimeoutError
-        if it does not answer in time."""
-        if self.closed:
-            raise ConnectionError("channel closed")
-        self._next_id += 1
-        call_id = self._next_id
-        future: asyncio.Future[Any] = self._loop.create_future()
-        self._calls[call_id] = future
-        try:
-            self.send(Call(call_id, op))
-            return await asyncio.wait_for(future, _CALL_TIMEOUT_S)
-        finally:
-            self._calls.pop(call_id, None)
 
-    def _resolve(self, reply: Reply) -> None:
-        future = self._calls.get(reply.call_id)
-        if future is not None and not future.done():
-            future.set_result(reply.value)
+def codec(side: Literal["gateway", "api"]) -> Codec:
+    """How the `side` end of the API process's channel writes and reads."""
+    return _CODECS[side]
 
-    def _close_calls(self) -> None:
-        self.closed = True
-        for future in self._calls.values():
-            if not future.done():
-                future.set_exception(ConnectionError("channel closed"))
 
-    async def close(self) -> None:
-        """Close this end; calls under way fail with ConnectionError."""
-        self._close_calls()
-        self._writer.close()
-        with contextlib.suppress(ConnectionError, OSError):
-            await self._writer.wait_closed()
+async def open_channel(sock: socket.socket, side: Literal["gateway", "api"]) -> Channel:
+    """The `side` end of the API process's channel, on one end of a socket pair."""
+    return await Channel.open(sock, codec(side), "api")

@@ -31,7 +31,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from gateway.control import Command, ControlListener, RedrivenMark
 from gateway.envelope import header_value, valid_id
-from gateway.kafka import stop_consumer
+from gateway.kafka import groupless_consumer, stop_consumer
 from gateway.records import OutRecord, admin_record, rfc3339
 from gateway.settings import Settings
 from gateway.tasks import Supervisor
@@ -257,15 +257,7 @@ class DlqBrowser:
 
     async def _reader(self) -> AIOKafkaConsumer:
         if self._consumer is None:
-            kafka = self._settings.kafka
-            consumer = AIOKafkaConsumer(
-                bootstrap_servers=kafka.bootstrap_servers,
-                client_id=f"{kafka.client_id}-dlq-browser",
-                group_id=None,
-                enable_auto_commit=False,
-                fetch_max_wait_ms=kafka.fetch_max_wait_ms,
-                request_timeout_ms=kafka.request_timeout_ms,
-            )
+            consumer = groupless_consumer(self._settings.kafka, "dlq-browser")
             await consumer.start()
             self._consumer = consumer
         return self._consumer

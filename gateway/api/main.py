@@ -16,8 +16,6 @@ its parent (PR_SET_PDEATHSIG).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import logging
 import signal
 import socket
@@ -38,6 +36,7 @@ from gateway.api.channel import (
     ResultReady,
     Started,
     Stop,
+    open_channel,
 )
 from gateway.api.dlq import DlqBrowser, DlqIndex
 from gateway.api.httpserver import HttpServer
@@ -47,7 +46,7 @@ from gateway.api.tenant import TenantApi
 from gateway.api.timing import RequestTimer, request_histogram
 from gateway.observability import configure_logging
 from gateway.outbox import Outbox
-from gateway.process import tune_gc
+from gateway.process import die_with_parent, tune_gc
 from gateway.tasks import Supervisor, first_of
 
 __all__ = ["main"]
@@ -56,7 +55,6 @@ log = logging.getLogger("gateway.api.process")
 
 # Serve only once jobs.status has been read, but never wait longer than this.
 _CATCH_UP_S = 30.0
-_PR_SET_PDEATHSIG = 1
 
 
 class _ChannelLogHandler(logging.Handler):
@@ -97,15 +95,8 @@ class _Coalesced:
         return await asyncio.shield(self._pending)
 
 
-def _die_with_parent() -> None:
-    """Linux: get SIGTERM when the gateway process ends, even before the channel is read."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 async def _serve(tenant_fd: int, ops_fd: int, channel_fd: int) -> int:
-    channel = await Channel.open(socket.socket(fileno=channel_fd), "api")
+    channel = await open_channel(socket.socket(fileno=channel_fd), "api")
     init = await channel.receive()
     if not isinstance(init, Init):
         return 2
@@ -238,5 +229,5 @@ def main() -> None:
     tenant_fd, ops_fd, channel_fd = (int(arg) for arg in sys.argv[1:4])
     # Ctrl-C reaches the whole process group; the gateway decides when the API stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent()
+    die_with_parent()
     sys.exit(asyncio.run(_serve(tenant_fd, ops_fd, channel_fd)))

@@ -228,6 +228,7 @@ _ADMIN_SCHEMAS: dict[str, Any] = {
             "running": {"type": "integer"},
             "queued": {"type": "integer"},
             "deferred": {"type": "integer"},
+            "parked": {"type": "integer"},
             "throttled": {"type": "integer"},
             "backlog": {"type": "integer"},
         },

@@ -132,7 +132,7 @@ class _Board:
             "errors",
         ):
             table.add_column(column, justify="right")
-        pools = {f.tenant: f for f in gateway.pools.snapshot()}
+        pools = {f.tenant: f for f in gateway.pool_figures()}
         for tenant, stats in sorted(self.tenants.items()):
             figures = pools.get(tenant)
             errors = sum(stats.done[s] for s in ("failed", "timed_out", "rejected"))
@@ -369,7 +369,7 @@ def _judge(board: _Board, gateway: Gateway) -> None:
         f"{NOISY} p50 {noisy_p50:.0f} ms"
     )
 
-    figures = {f.tenant: f for f in gateway.pools.snapshot()}.get(NOISY)
+    figures = {f.tenant: f for f in gateway.pool_figures()}.get(NOISY)
     throttled = figures.throttled if figures is not None else 0
     finished = sorted(noisy.finished_at)
     span = finished[-1] - finished[0] if len(finished) > 1 else 0.0
