@@ -125,8 +125,10 @@ class TenantQueue(Generic[T]):
     paused: bool = False
     # The time by which everything buffered and deferred can have started (see above).
     deferred_until: float = 0.0
-    # The live heap entry's sequence number (0: none; see FairScheduler).
+    # The live heap entry's sequence number (0: none; see FairScheduler), and when it
+    # sits in the timed heap, the time its token is due (0.0: in the ready heap).
     entry: int = 0
+    token_due: float = 0.0
 
     def pace(self) -> float:
         """Starts per second the tenant can sustain: its rate, unless its slots bind."""
@@ -160,6 +162,12 @@ class FairScheduler(Generic[T]):
         queue.bucket.reconfigure(limits.rate_per_s, limits.burst, now)
         self._refill(queue)
         self._schedule(tenant, queue)
+        if queue.entry and queue.token_due:
+            # Waiting for a token, timed by the old rate (at the floor of a share that
+            # can be minutes away): a raised rate brings it forward.
+            due = now + queue.bucket.wait_s(now)
+            if due < queue.token_due:
+                self._wait_for_token(tenant, queue, due)
 
     def tenant(self, tenant: str) -> TenantQueue[T] | None:
         """A tenant's queue and counters."""
@@ -232,7 +240,14 @@ class FairScheduler(Generic[T]):
         if queue.entry or not queue.runnable():
             return
         queue.entry = next(self._seq)
+        queue.token_due = 0.0
         heapq.heappush(self._ready, (queue.passed, queue.entry, tenant))
+
+    def _wait_for_token(self, tenant: str, queue: TenantQueue[T], due: float) -> None:
+        """Move the tenant to the timed heap until `due` (a new entry; any older is stale)."""
+        queue.entry = next(self._seq)
+        queue.token_due = due
+        heapq.heappush(self._timed, (due, queue.entry, tenant))
 
     def pop(self, now: float) -> tuple[str, T] | None:
         """The next job to start, or None when no tenant is eligible or no slot is free."""
@@ -243,6 +258,7 @@ class FairScheduler(Generic[T]):
             _, entry, tenant = heapq.heappop(timed)
             queue = self._tenants.get(tenant)
             if queue is not None and queue.entry == entry:
+                queue.token_due = 0.0
                 heapq.heappush(ready, (queue.passed, entry, tenant))
         while ready:
             _, entry, tenant = heapq.heappop(ready)
@@ -254,7 +270,7 @@ class FairScheduler(Generic[T]):
                 continue
             if not queue.bucket.try_take(now):
                 queue.rate_blocked = True
-                heapq.heappush(timed, (now + queue.bucket.wait_s(now), entry, tenant))
+                self._wait_for_token(tenant, queue, now + queue.bucket.wait_s(now))
                 continue
             queue.entry = 0
             item = queue.items.popleft()

@@ -137,6 +137,25 @@ def test_rate_limited_tenant_is_skipped_not_blocking() -> None:
     assert abs(wake - 1.0) < 1e-9
 
 
+def test_a_raised_rate_applies_to_a_tenant_already_waiting_for_a_token() -> None:
+    # A replica whose share of the rate fell to the floor (a peer held the backlog) has
+    # its next token due in minutes; when its share rises again the wait follows the
+    # new rate, instead of holding the tenant's buffer until the old due time.
+    scheduler: FairScheduler[int] = FairScheduler(10)
+    scheduler.configure("t", limits(rate_per_s=1e-3, burst=1), 0.0)
+    for item in range(3):
+        scheduler.push("t", item)
+    assert scheduler.pop(0.0) == ("t", 0)
+    assert scheduler.pop(0.0) is None
+    assert scheduler.next_wakeup_s(0.0) == pytest.approx(1000.0)
+    scheduler.configure("t", limits(rate_per_s=100.0, burst=5), 0.01)
+    assert scheduler.pop(0.01) is None  # no token earned yet at the old rate
+    wake = scheduler.next_wakeup_s(0.01)
+    assert wake is not None
+    assert wake <= 0.01 + 1e-9
+    assert scheduler.pop(0.02) == ("t", 1)
+
+
 def test_full_buffer_overflows() -> None:
     scheduler: FairScheduler[int] = FairScheduler(1)
     scheduler.configure("t", limits(max_queued=2), 0.0)
