@@ -352,3 +352,55 @@ def machine_note() -> str:
     """Cores and load averages now (other work shares this machine)."""
     one, five, fifteen = os.getloadavg()
     return f"{os.cpu_count()} cores, load average {one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+def commit() -> str:
+    """The commit measured (`+changes` when the tree differs from it), or `unknown`."""
+    git = shutil.which("git")
+    if git is None:
+        return "unknown"
+    try:
+        head = subprocess.run(
+            [git, "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [git, "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head}+changes" if dirty else head
+
+
+async def wait_split(
+    processes: list[ChildProcess], jobs_topic: str, partitions: int, timeout_s: float
+) -> list[set[int]]:
+    """Wait until the replicas' latest assignments split `jobs` between them, unchanged
+    for 1 s; each replica's partitions. Raises if one exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    stable_since: float | None = None
+    last: list[set[int]] = []
+    while time.monotonic() < deadline:
+        if not all(p.alive() for p in processes):
+            raise RuntimeError("a gateway exited while joining the group")
+        now = [assigned_jobs_partitions(p, jobs_topic) for p in processes]
+        split = all(now) and sum(map(len, now)) == partitions
+        split &= set().union(*now) == set(range(partitions))
+        if split and now == last:
+            stable_since = stable_since or time.monotonic()
+            if time.monotonic() - stable_since >= 1.0:
+                return now
+        else:
+            stable_since = None
+        last = now
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"replicas did not split the partitions: {last}")

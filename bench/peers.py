@@ -40,7 +40,7 @@ from typing import Any
 import psutil
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from bench.common import ROOT, bench_settings, broker, catalog_dir
+from bench.common import ROOT, bench_settings, broker, catalog_dir, commit
 from bench.peer_load import (
     FLOOD,
     FULL,
@@ -426,7 +426,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "mode": args.mode,
         "sizes": dataclasses.asdict(sizes),
         "gateway_quotas": {"flood": {**FLOOD_QUOTA, "rate": args.flood_rate}, "quiet": QUIET_QUOTA},
-        "machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]},
+        "machine": {"cores": os.cpu_count(), "python": sys.version.split()[0], "commit": commit()},
         "skipped": skipped,
         "gateway_env_extra": dict(GATEWAY_ENV_EXTRA),
         "runs": [dataclasses.asdict(r) for r in results],

@@ -47,6 +47,7 @@ from bench.common import (
     max_overlap,
     percentile,
     produce_jobs,
+    wait_split,
 )
 from gateway.dev.services import Tansu
 from gateway.settings import Settings
@@ -417,28 +418,6 @@ async def _first_start(watcher: ResultWatcher, ids: set[str], timeout_s: float) 
 # -- two replicas ---------------------------------------------------------------------
 
 
-async def _wait_split(
-    processes: list[ChildProcess], jobs_topic: str, partitions: int, timeout_s: float
-) -> list[set[int]]:
-    """Wait until the replicas' latest assignments split `jobs` between them, stably."""
-    deadline = time.monotonic() + timeout_s
-    stable_since: float | None = None
-    last: list[set[int]] = []
-    while time.monotonic() < deadline:
-        now = [assigned_jobs_partitions(p, jobs_topic) for p in processes]
-        split = all(now) and sum(map(len, now)) == partitions
-        split &= set().union(*now) == set(range(partitions))
-        if split and now == last:
-            stable_since = stable_since or time.monotonic()
-            if time.monotonic() - stable_since >= 1.0:
-                return now
-        else:
-            stable_since = None
-        last = now
-        await asyncio.sleep(0.1)
-    raise RuntimeError(f"replicas did not split the partitions: {last}")
-
-
 async def two_replicas(tansu: Tansu, workdir: Path, sizes: Sizes) -> bool:
     print(f"\n== two replicas ({machine_note()})")
     window = sizes.window_s
@@ -464,7 +443,7 @@ async def two_replicas(tansu: Tansu, workdir: Path, sizes: Sizes) -> bool:
         process.start()
     skip = 1.0
     try:
-        split = await _wait_split(processes, settings.topics.jobs, settings.kafka.partitions, 60)
+        split = await wait_split(processes, settings.topics.jobs, settings.kafka.partitions, 60)
         print(f"both assigned after {time.monotonic() - joined:.1f} s: partitions {split}")
         ids = await produce_jobs(
             settings, round(50 * (window + skip + 15)), "paced", "sleep", {"seconds": 0.1}

@@ -60,34 +60,55 @@ class PlainFormatter(logging.Formatter):
 
 
 class ClientLogLimit(logging.Filter):
-    """At most `burst` lines, then `per_s` a second, per message of the Kafka client
-    library (`aiokafka`, `kafka`): during a broker outage it writes the same error for
-    every connection attempt, hundreds a second. The next line let through after a
-    stretch of dropped ones says how many were dropped (`suppressed`); the gateway's
-    own `broker_unreachable`/`broker_recovered` lines say what is going on."""
+    """Lines of the Kafka client library (`aiokafka`, `kafka`), limited: at most `burst`
+    then `per_s` a second of each message, and at most `total_burst` then `total_per_s`
+    a second of all of them together. During a broker outage the library writes an
+    error for every connection attempt and every request, hundreds a second, many with
+    the address or the error in the message itself. The next line let through after
+    dropped ones says how many were dropped since the previous one (`suppressed`); the
+    gateway's own `broker_unreachable`/`broker_recovered` lines say what is going on."""
 
-    def __init__(self, per_s: float = 1.0, burst: int = 5) -> None:
+    def __init__(
+        self,
+        per_s: float = 1.0,
+        burst: int = 5,
+        *,
+        total_per_s: float = 3.0,
+        total_burst: int = 10,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         super().__init__()
         self._per_s = per_s
         self._burst = float(burst)
-        # message template -> (tokens, last refill, suppressed since the last line)
-        self._state: dict[str, tuple[float, float, int]] = {}
+        self._total_per_s = total_per_s
+        self._total_burst = float(total_burst)
+        self._clock = clock
+        # message template -> (tokens, last refill)
+        self._state: dict[str, tuple[float, float]] = {}
+        self._total: tuple[float, float] | None = None
+        self._dropped = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.name.startswith(("aiokafka", "kafka")):
             return True
         key = f"{record.name}:{record.msg}"
-        now = time.monotonic()
-        tokens, stamp, dropped = self._state.get(key, (self._burst, now, 0))
+        now = self._clock()
+        tokens, stamp = self._state.get(key, (self._burst, now))
         tokens = min(self._burst, tokens + (now - stamp) * self._per_s)
-        if tokens < 1.0:
-            self._state[key] = (tokens, now, dropped + 1)
+        total, total_stamp = self._total or (self._total_burst, now)
+        total = min(self._total_burst, total + (now - total_stamp) * self._total_per_s)
+        if tokens < 1.0 or total < 1.0:
+            self._state[key] = (tokens, now)
+            self._total = (total, now)
+            self._dropped += 1
             return False
-        if dropped:
-            record.suppressed = dropped
-        self._state[key] = (tokens - 1.0, now, 0)
-        if len(self._state) > 1000:  # templates are few; bound it anyway
+        if self._dropped:
+            record.suppressed = self._dropped
+            self._dropped = 0
+        if len(self._state) >= 1000:  # messages with their details in them: bound it
             self._state.clear()
+        self._state[key] = (tokens - 1.0, now)
+        self._total = (total - 1.0, now)
         return True
 
 

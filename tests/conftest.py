@@ -83,15 +83,34 @@ max_concurrency = {conc}
 rate_per_s = {rate}
 burst = {burst}
 max_queued = {queued}
-weight = 1
+weight = {weight}
 [jobs]
-allowed_types = ["echo", "sleep"]
+allowed_types = {types}
+default_deadline_s = 60
+max_attempts = 5
 """
 
 
-def quota_tenant(tenant_id: str, *, conc: int, rate: float, burst: int, queued: int) -> str:
-    """A tenant file with the given quota, allowed `echo` and `sleep` jobs."""
-    return _QUOTA_TENANT.format(id=tenant_id, conc=conc, rate=rate, burst=burst, queued=queued)
+def quota_tenant(
+    tenant_id: str,
+    *,
+    conc: int,
+    rate: float,
+    burst: int,
+    queued: int,
+    weight: int = 1,
+    types: Sequence[str] = ("echo", "sleep"),
+) -> str:
+    """A tenant file with the given quota, allowed the given job types."""
+    return _QUOTA_TENANT.format(
+        id=tenant_id,
+        conc=conc,
+        rate=rate,
+        burst=burst,
+        queued=queued,
+        weight=weight,
+        types=json.dumps(list(types)),
+    )
 
 
 def make_settings(bootstrap: str, **overrides: Any) -> Settings:

@@ -72,6 +72,28 @@ def test_client_library_lines_are_rate_limited() -> None:
     assert all(limit.filter(ours) for _ in range(100))
 
 
+def test_client_library_lines_are_limited_in_total_whatever_their_text() -> None:
+    # During an outage many lines carry the address or the error in their text: each
+    # is a message of its own, so only the total bound holds them.
+    clock = Clock()
+    limit = ClientLogLimit(per_s=1.0, burst=5, total_per_s=3.0, total_burst=10, clock=clock)
+    passed: list[logging.LogRecord] = []
+    for second in range(20):
+        for n in range(150):  # 150 distinct lines a second, as measured in an outage
+            record = logging.makeLogRecord(
+                {"name": "aiokafka.conn", "msg": f"Unable connect to node {second}-{n}"}
+            )
+            if limit.filter(record):
+                passed.append(record)
+            clock.now += 1.0 / 150
+    assert len(passed) <= 10 + 3 * 20
+    # Every line after the first burst says how many were dropped before it, and the
+    # counts add up to everything that was dropped.
+    dropped = sum(getattr(r, "suppressed", 0) for r in passed)
+    assert 20 * 150 - len(passed) - dropped < 150  # only the last stretch is unreported
+    assert all(getattr(r, "suppressed", 0) > 0 for r in passed[10:])
+
+
 def _gateway(env: dict[str, str], tmp_path: Path) -> subprocess.Popen[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     base.update(

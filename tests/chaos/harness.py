@@ -43,7 +43,7 @@ from gateway.dev.services import bootstrap_local
 from gateway.service import ensure_topics
 from gateway.settings import Settings
 
-from conftest import ROOT, make_settings, settings_env
+from conftest import ROOT, make_settings, quota_tenant, settings_env
 
 __all__ = [
     "CHAOS_TENANTS",
@@ -55,22 +55,9 @@ __all__ = [
 ]
 
 _PR_SET_PDEATHSIG = 1
+_TYPES = ("echo", "sleep", "fail")
 MIB = 1024 * 1024
 
-_TENANT = """
-id = "{id}"
-tier = "pro"
-[quota]
-max_concurrency = {conc}
-rate_per_s = {rate}
-burst = {burst}
-max_queued = {queued}
-weight = {weight}
-[jobs]
-allowed_types = ["echo", "sleep", "fail"]
-default_deadline_s = 60
-max_attempts = 5
-"""
 
 # Tenants of the mixed workload: quotas generous enough that the machine, not the
 # tenant, is the limit (unless a scenario writes its own).
@@ -86,7 +73,7 @@ def write_tenants(directory: Path, tenants: dict[str, dict[str, float]]) -> Path
     directory.mkdir(parents=True, exist_ok=True)
     for tenant, quota in tenants.items():
         counts = {key: int(quota[key]) for key in ("conc", "burst", "queued", "weight")}
-        text = _TENANT.format(id=tenant, rate=float(quota["rate"]), **counts)
+        text = quota_tenant(tenant, rate=float(quota["rate"]), types=_TYPES, **counts)
         (directory / f"{tenant}.toml").write_text(text)
     return directory
 
