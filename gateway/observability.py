@@ -71,10 +71,10 @@ class ClientLogLimit(logging.Filter):
     def __init__(
         self,
         per_s: float = 1.0,
-        burst: int = 5,
+        burst: int = 3,
         *,
-        total_per_s: float = 3.0,
-        total_burst: int = 10,
+        total_per_s: float = 2.0,
+        total_burst: int = 3,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__()

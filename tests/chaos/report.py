@@ -4,18 +4,18 @@ Every scenario ends in a `ScenarioResult`; `record()` keeps it for the session, 
 chaos conftest prints the verdict lines and the table at the end of the run (and writes
 them as JSON to `$CHAOS_RESULTS` when that is set, as `make chaos` does).
 
-Checks come in two kinds:
+Checks come in two kinds, and a failure of either makes the verdict FAIL and the test
+fail:
 
-* **hard** (`ScenarioResult.check`): the scenario's contract (nothing lost, duplicates
+* **ledger** (`ScenarioResult.check`): the scenario's contract (nothing lost, duplicates
   within the stated bound, nothing unexpected in the DLQ, every job's expected status,
-  no replica exiting when it should not). A failed hard check makes the verdict FAIL
-  and the test fail.
-* **soft** (`ScenarioResult.soft`): behaviour that the product side is still building
-  (one `broker_unreachable` / `broker_recovered` line per outage, rate-limited client
-  logs, `gateway_broker_up`, `/readyz` during an outage, `vault_unreachable` /
-  `vault_recovered`, ...). A failed soft check goes to the notes column as
-  `TODO(product): <name>: <what was seen>`, and never fails the test: once the product
-  side lands, the notes column shows which of them pass.
+  no replica exiting when it should not);
+* **operator** (`ScenarioResult.operator`): what an operator sees of the fault (one
+  `broker_unreachable` / `broker_recovered` line per outage, rate-limited client logs,
+  `gateway_broker_up`, `/readyz` during an outage, `vault_unreachable` /
+  `vault_recovered`, a frozen replica exiting non-zero on waking), named in the
+  failure as `operator: <name>: <what was seen>`; those that pass are listed in the
+  JSON (`operator_passed`).
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ class ScenarioResult:
     unexpected_exits: int = 0
     wall_s: float = 0.0
     failures: list[str] = field(default_factory=list)  # hard checks that failed
-    notes: list[str] = field(default_factory=list)  # soft checks that failed, and remarks
-    soft_passed: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # remarks
+    operator_passed: list[str] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -58,12 +58,12 @@ class ScenarioResult:
             self.failures.append(what)
         return ok
 
-    def soft(self, name: str, ok: bool, seen: str) -> bool:
-        """A product-side check still being built: reported, never failing."""
+    def operator(self, name: str, ok: bool, seen: str) -> bool:
+        """What the operator sees of the fault: when `ok` is false, a failure."""
         if ok:
-            self.soft_passed.append(name)
+            self.operator_passed.append(name)
         else:
-            self.notes.append(f"TODO(product): {name}: {seen}")
+            self.failures.append(f"operator: {name}: {seen}")
         return ok
 
     def note(self, text: str) -> None:

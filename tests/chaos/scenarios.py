@@ -1,5 +1,5 @@
 """The chaos scenarios, each a coroutine that runs a cluster through a fault and returns
-its `ScenarioResult` (figures, hard checks, soft product-side checks).
+its `ScenarioResult` (figures, ledger checks, what the operator sees).
 
 Every scenario follows the same shape: start the cluster and its replicas, start the
 result tail (and the committed-offset watch), produce load before and between faults,
@@ -311,7 +311,7 @@ def client_log_rate(replica: Replica, start: float, end: float) -> tuple[int, in
     return sum(per_second.values()), max(per_second.values(), default=0)
 
 
-def outage_soft_checks(
+def outage_operator_checks(
     run: Run,
     replicas: list[Replica],
     start: float,
@@ -329,14 +329,14 @@ def outage_soft_checks(
     for replica in replicas:
         downs = count_events(replica, down, start - 1, end + 30)
         ups = count_events(replica, up, start - 1, end + 60)
-        result.soft(f"{down}_once", downs == 1, f"{replica.name} logged {down} {downs}x")
-        result.soft(f"{up}_once", ups == 1, f"{replica.name} logged {up} {ups}x")
+        result.operator(f"{down}_once", downs == 1, f"{replica.name} logged {down} {downs}x")
+        result.operator(f"{up}_once", ups == 1, f"{replica.name} logged {up} {ups}x")
         total, peak = client_log_rate(replica, start, end)
         result.details.setdefault("client_log_lines", {})[replica.name] = {
             "total": total,
             "peak_per_s": peak,
         }
-        result.soft(
+        result.operator(
             "client_logs_rate_limited",
             peak <= 5,
             f"{replica.name}: {total} aiokafka lines during the outage, up to {peak}/s",
@@ -350,16 +350,16 @@ def outage_soft_checks(
         index = 3 if gauge == "gateway_broker_up" else 4
         zero = [s for s in during if s[index] == 0]
         values = sorted({s[index] for s in during}, key=str)
-        result.soft(f"{gauge}_0_during", bool(zero), f"values seen during the outage {values}")
+        result.operator(f"{gauge}_0_during", bool(zero), f"values seen during the outage {values}")
         back = [s for s in after if s[index] == 1]
-        result.soft(
+        result.operator(
             f"{gauge}_1_after",
             bool(back) or not after,
             f"not 1 after the heal: {sorted({s[index] for s in after}, key=str)}",
         )
     if readyz:
         statuses = Counter(s[2] for s in during)
-        result.soft(
+        result.operator(
             "readyz_503_during",
             statuses.get(503, 0) > 0,
             f"/readyz answers during the outage {dict(statuses)}",
@@ -378,12 +378,12 @@ async def broker_cut(
     replicas: int = 2,
     backlog: int = 12000,
     after: int = 3000,
-    soft_checks: bool = True,
+    operator_checks: bool = True,
 ) -> ScenarioResult:
     """A backlog is being worked off when the broker's connections are cut for
     `seconds`: `refuse` resets every connection and refuses new ones, `blackhole`
     accepts and delivers nothing. Heal, produce `after` more, check the ledger."""
-    run = await begin(name, workdir, replicas=replicas, ops=soft_checks)
+    run = await begin(name, workdir, replicas=replicas, ops=operator_checks)
     try:
         proxy = run.cluster.tansu.proxy
         await run.load.produce(backlog)
@@ -405,8 +405,8 @@ async def broker_cut(
             for r in survivors
             if r.returncode in (0, None) and r.expected_exit == "end of scenario"
         ]
-        if soft_checks:
-            outage_soft_checks(
+        if operator_checks:
+            outage_operator_checks(
                 run,
                 survivors,
                 start,
@@ -541,7 +541,7 @@ async def vault_fault(
             result.check(
                 retried > 0, "no job was retried with secrets_unavailable: the fault never bit"
             )
-            outage_soft_checks(
+            outage_operator_checks(
                 run,
                 [r for r in survivors if r.expected_exit == "end of scenario"],
                 start,
@@ -654,7 +654,7 @@ async def frozen_replica(
         )
         if ledger.duplicate_ids:
             result.details["duplicate_sample"] = ledger.duplicate_ids[:10]
-        result.soft(
+        result.operator(
             "frozen_replica_exits_nonzero_on_waking",
             woke_code not in (None, 0),
             f"{frozen.name} exit code after SIGCONT: {woke_code}",

@@ -33,7 +33,7 @@ async def test_broker_cut_5s_loses_nothing(tmp_path: Path) -> None:
             replicas=1,
             backlog=2000,
             after=300,
-            soft_checks=False,
+            operator_checks=False,
         )
     )
     assert result.verdict == "PASS", result.failures
