@@ -304,7 +304,8 @@ def _replay(
         now = report.at
         book.forget_stale(now)
         active = (set(report.demand) | book.active(now)) & {"paced", "capped"}
-        shares = book.shares(report.demand, active, now)
+        caps = {"paced": paced.quota.max_concurrency, "capped": capped.quota.max_concurrency}
+        shares = book.shares(report.demand, active, now, slots=caps)
         even = book.even(now)
         rate = limits_for(paced, shares.get("paced", even)).rate_per_s
         slots = limits_for(capped, shares.get("capped", even)).max_concurrency

@@ -57,7 +57,11 @@ def limits_for(tenant: Tenant, shares: Shares = _WHOLE) -> TenantLimits:
     start); the buffer bound is per replica (it bounds this replica's memory)."""
     quota = tenant.quota
     return TenantLimits(
-        max_concurrency=max(1, round(quota.max_concurrency * shares.concurrency)),
+        max_concurrency=(
+            shares.slots
+            if shares.slots is not None
+            else max(1, round(quota.max_concurrency * shares.concurrency))
+        ),
         rate_per_s=max(1e-3, quota.rate_per_s * shares.rate),
         burst=max(1, round(quota.burst * shares.rate)),
         max_queued=max(1, quota.max_queued),

@@ -492,8 +492,10 @@ class Gateway:
             self.outbox.post([report])
             book = self.shares
             book.forget_stale(now)
-            active = (set(local) | book.active(now)) & set(self._catalog.tenants)
-            self.pools.apply_shares(book.shares(local, active, now), book.even(now))
+            tenants = self._catalog.tenants
+            active = (set(local) | book.active(now)) & set(tenants)
+            slots = {t: tenants[t].quota.max_concurrency for t in active}
+            self.pools.apply_shares(book.shares(local, active, now, slots=slots), book.even(now))
             await asyncio.sleep(cluster.demand_interval_s)
 
     def fail(self, exc: BaseException) -> None:

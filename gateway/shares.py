@@ -11,10 +11,13 @@ last report) every `interval_s` on `jobs.control`, reads everyone else's, and ta
   jobs,
 
 among the replicas that reported in the last `peer_timeout_s` (a replica that stops
-reporting drops out). A replica with demand gets at least `floor` of the quota, so work
-that just arrived can start before the next round of reports; a tenant nobody is
-waiting on splits evenly. A single replica, or one that hears from no peer, gets the
-whole quota. Pure: no clock, no I/O; the caller passes the time.
+reporting drops out). A replica with demand gets at least `floor` of the rate, so work
+that just arrived can start before the next round of reports, taken from the others in
+proportion so that the shares still add up to the quota; its concurrency comes as whole
+slots, at least one, apportioned by largest remainders, which every replica computes
+alike from the same reports. A tenant nobody is waiting on splits evenly. A single
+replica, or one that hears from no peer, gets the whole quota. Pure: no clock, no I/O;
+the caller passes the time.
 """
 
 from __future__ import annotations
@@ -36,10 +39,12 @@ class Demand:
 
 @dataclass(frozen=True, slots=True)
 class Shares:
-    """This replica's fractions of one tenant's quota."""
+    """This replica's fractions of one tenant's quota, and its whole number of slots
+    when they were apportioned (None: derive them from `concurrency`)."""
 
     rate: float
     concurrency: float
+    slots: int | None = None
 
 
 _WHOLE = Shares(1.0, 1.0)
@@ -87,33 +92,78 @@ class ShareBook:
         return Shares(1.0 / replicas, 1.0 / replicas)
 
     def shares(
-        self, local: Mapping[str, Demand], tenants: Iterable[str], now: float
+        self,
+        local: Mapping[str, Demand],
+        tenants: Iterable[str],
+        now: float,
+        *,
+        slots: Mapping[str, int] | None = None,
     ) -> dict[str, Shares]:
-        """This replica's shares of every tenant in `tenants`."""
-        live = [demand for at, demand in self._peers.values() if now - at <= self._timeout]
-        if not live:
+        """This replica's shares of every tenant in `tenants`; with `slots` (a tenant's
+        `max_concurrency`), also its whole number of slots, apportioned the same way on
+        every replica so that they add up to the quota (see `_apportion`)."""
+        peers = {
+            replica: demand
+            for replica, (at, demand) in self._peers.items()
+            if now - at <= self._timeout
+        }
+        if not peers:
             return dict.fromkeys(tenants, _WHOLE)
-        replicas = len(live) + 1
+        replicas = len(peers) + 1
         result: dict[str, Shares] = {}
         none = Demand(0, 0)
         for tenant in tenants:
             mine = local.get(tenant, none)
-            others = [peer.get(tenant, none) for peer in live]
-            rate = _fraction(mine.waiting, sum(d.waiting for d in others), replicas, self._floor)
-            concurrency = _fraction(
-                mine.waiting + mine.running,
-                sum(d.waiting + d.running for d in others),
-                replicas,
-                self._floor,
-            )
-            result[tenant] = Shares(rate, concurrency)
+            waiting = {self.replica: mine.waiting}
+            load = {self.replica: mine.waiting + mine.running}
+            for replica, demand in peers.items():
+                theirs = demand.get(tenant, none)
+                waiting[replica] = theirs.waiting
+                load[replica] = theirs.waiting + theirs.running
+            rate = self._fraction(waiting, replicas)
+            concurrency = self._fraction(load, replicas)
+            own_slots = None
+            cap = slots.get(tenant) if slots is not None else None
+            if cap is not None and load[self.replica] > 0:
+                own_slots = max(1, _apportion(load, cap).get(self.replica, 0))
+            result[tenant] = Shares(rate, concurrency, own_slots)
         return result
 
+    def _fraction(self, demand: Mapping[str, int], replicas: int) -> float:
+        """This replica's fraction of a quota split by `demand` (floored, summing to 1)."""
+        if not any(demand.values()):
+            return 1.0 / replicas  # nobody is waiting: an even split
+        return _with_floor(demand, self._floor).get(self.replica, 0.0)
 
-def _fraction(mine: int, theirs: int, replicas: int, floor: float) -> float:
-    total = mine + theirs
-    if total == 0:
-        return 1.0 / replicas
-    if mine == 0:
-        return 0.0 if theirs else 1.0 / replicas
-    return max(floor, mine / total)
+
+def _with_floor(weights: Mapping[str, int], floor: float) -> dict[str, float]:
+    """Fractions in proportion to the positive weights, each at least `floor`, summing to
+    1: the replicas held at the floor take it from the others in proportion."""
+    active = {replica: weight for replica, weight in weights.items() if weight > 0}
+    if floor * len(active) >= 1.0:
+        return dict.fromkeys(active, 1.0 / len(active))
+    fixed: set[str] = set()
+    while True:
+        rest = {r: w for r, w in active.items() if r not in fixed}
+        mass = 1.0 - floor * len(fixed)
+        total = sum(rest.values())
+        fractions = {r: mass * w / total for r, w in rest.items()}
+        low = {r for r, fraction in fractions.items() if fraction < floor}
+        if not low:
+            return {**dict.fromkeys(fixed, floor), **fractions}
+        fixed |= low
+
+
+def _apportion(weights: Mapping[str, int], total: int) -> dict[str, int]:
+    """`total` whole slots over the replicas with positive weight, in proportion, each at
+    least one while there are enough (largest remainders; ties to the larger weight, then
+    the name), so every replica computing it from the same reports gets the same split."""
+    active = {replica: weight for replica, weight in weights.items() if weight > 0}
+    if not active or total <= 0:
+        return {}
+    ideal = {r: f * total for r, f in _with_floor(active, 1.0 / total).items()}
+    whole = {r: int(value) for r, value in ideal.items()}
+    order = sorted(active, key=lambda r: (-(ideal[r] - whole[r]), -active[r], r))
+    for replica in order[: total - sum(whole.values())]:
+        whole[replica] += 1
+    return whole

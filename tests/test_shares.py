@@ -79,6 +79,56 @@ def test_property_rate_shares_sum_to_one_where_there_is_a_backlog(
     assert sum(s.concurrency for s in shares) == pytest.approx(1.0)
 
 
+def _cluster(demands: list[tuple[int, int]], floor: float, cap: int) -> list[Shares]:
+    """Every replica's shares of tenant `t`, each computed from the others' reports."""
+    books = [ShareBook(f"r{i}", peer_timeout_s=3.0, floor=floor) for i in range(len(demands))]
+    for i, peer_book in enumerate(books):
+        for j, (waiting, running) in enumerate(demands):
+            if i != j:
+                peer_book.observe(f"r{j}", 0.0, {"t": Demand(waiting, running)})
+    return [
+        peer_book.shares({"t": Demand(*demands[i])}, ["t"], 1.0, slots={"t": cap})["t"]
+        for i, peer_book in enumerate(books)
+    ]
+
+
+def test_a_skewed_backlog_splits_whole_slots_that_add_up_to_the_quota() -> None:
+    # 90% of a tenant's records on one replica, 5% on each of two others: the floors of
+    # the small ones come out of the big one's share, and the slots add up to 6 (not
+    # 6 + 1 + 1, one rounded up per replica).
+    shares = _cluster([(900, 0), (50, 0), (50, 0)], floor=0.05, cap=6)
+    assert [s.slots for s in shares] == [4, 1, 1]
+    assert sum(s.rate for s in shares) == pytest.approx(1.0)
+    assert [s.rate for s in shares] == pytest.approx([0.9, 0.05, 0.05])
+    tiny = _cluster([(10_000, 0), (1, 0), (1, 0)], floor=0.05, cap=6)
+    assert [s.rate for s in tiny] == pytest.approx([0.9, 0.05, 0.05])  # floors, from r0
+
+
+@given(
+    demands=st.lists(st.tuples(st.integers(0, 1000), st.integers(0, 50)), min_size=1, max_size=6),
+    cap=st.integers(1, 64),
+    floor=st.sampled_from([0.0, 0.05, 0.2]),
+)
+def test_property_floors_and_slots_keep_the_cluster_within_the_quota(
+    demands: list[tuple[int, int]], cap: int, floor: float
+) -> None:
+    shares = _cluster(demands, floor=floor, cap=cap)
+    if any(waiting for waiting, _ in demands):
+        assert sum(s.rate for s in shares) == pytest.approx(1.0)
+    busy = [s for s, (waiting, running) in zip(shares, demands, strict=True) if waiting + running]
+    if len(demands) == 1 or not busy:
+        return  # alone: the whole quota; nobody busy: an even split
+    slots = [s.slots for s in busy]
+    assert all(n is not None and n >= 1 for n in slots)
+    # Whole slots add up to the quota, unless more replicas are busy than it has slots
+    # (each still gets one, so that its work can start).
+    assert sum(n or 0 for n in slots) == max(cap, len(busy))
+    idle = [
+        s for s, (waiting, running) in zip(shares, demands, strict=True) if not waiting + running
+    ]
+    assert all(s.slots is None for s in idle)
+
+
 def test_demand_reports_round_trip_through_jobs_control() -> None:
     record = admin_record(
         "jobs.control",
