@@ -54,6 +54,8 @@ from gateway.settings import Settings
 
 SLEEP_S = 0.005  # noisy neighbour jobs: `sleep` 5 ms for both tenants
 FLOOD_QUEUED = 2000  # the flood tenant's max_queued (--flood-queued)
+# From --gateway-env: settings to try on the gateways under test.
+GATEWAY_ENV: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,7 @@ async def _noisy_run(
     kafka, topics = settings.kafka, settings.topics
     label = f"{system}-{'flood' if flood_jobs else 'solo'}-{uuid.uuid4().hex[:4]}"
     if system == "gateway":
-        process = gateway_process(settings, workdir / f"{label}.log")
+        process = gateway_process(settings, workdir / f"{label}.log", **GATEWAY_ENV)
     else:
         argv = [sys.executable, "-m", "bench.guide", "--bootstrap", kafka.bootstrap_servers]
         argv += ["--jobs", topics.jobs, "--results", topics.results, "--group", kafka.group_id]
@@ -357,7 +359,7 @@ async def quota_accuracy(tansu: Tansu, workdir: Path, sizes: Sizes) -> bool:
         "capped: no rate limit, max_concurrency 4, max_queued 200, sleep 50 ms"
     )
     settings = await bench_settings(tansu.bootstrap, tenants, max_inflight=256)
-    process = gateway_process(settings, workdir / "quota.log")
+    process = gateway_process(settings, workdir / "quota.log", **GATEWAY_ENV)
     watcher = ResultWatcher(settings.kafka.bootstrap_servers, settings.topics.results)
     await watcher.start()
     process.start()
@@ -433,7 +435,9 @@ async def two_replicas(tansu: Tansu, workdir: Path, sizes: Sizes) -> bool:
         },
     )
     processes = [
-        gateway_process(settings, workdir / f"replica-{n}.log", GATEWAY_REPLICA=f"r{n}")
+        gateway_process(
+            settings, workdir / f"replica-{n}.log", **{**GATEWAY_ENV, "GATEWAY_REPLICA": f"r{n}"}
+        )
         for n in (1, 2)
     ]
     watcher = ResultWatcher(settings.kafka.bootstrap_servers, settings.topics.results)
@@ -481,8 +485,15 @@ async def main(args: argparse.Namespace) -> int:
     sizes = QUICK if args.quick else FULL
     if args.flood_jobs is not None:
         sizes = Sizes(args.flood_jobs, sizes.steady_rate, sizes.steady_s, sizes.window_s)
+    for item in args.gateway_env:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("GATEWAY_"):
+            raise SystemExit(f"--gateway-env wants GATEWAY_NAME=VALUE, not {item!r}")
+        GATEWAY_ENV[key] = value
     workdir = Path(tempfile.mkdtemp(prefix="bench-pools-"))
     print(f"bench.pools {'quick' if args.quick else 'full'}; logs in {workdir}")
+    if GATEWAY_ENV:
+        print(f"gateway settings tried: {GATEWAY_ENV}")
     results: dict[str, bool] = {}
     with broker() as tansu:
         if args.scenario in ("all", "noisy"):
@@ -515,6 +526,13 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
         help="noisy neighbour: which systems to run",
     )
     parser.add_argument("--flood-jobs", type=int, help="override the flood size")
+    parser.add_argument(
+        "--gateway-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a GATEWAY_* setting to try on the gateways under test (repeatable)",
+    )
     parser.add_argument(
         "--flood-rate",
         type=float,
