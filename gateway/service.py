@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -45,7 +45,7 @@ from gateway.records import admin_record
 from gateway.reload import CatalogReloader
 from gateway.runner import Runner
 from gateway.settings import KafkaSettings, Settings, TopicSettings
-from gateway.shares import ShareBook
+from gateway.shares import Demand, ShareBook
 from gateway.tasks import Supervisor, cancel_and_wait
 from gateway.vault import SecretStore, VaultStats
 from gateway.worker.pool import Workers
@@ -480,16 +480,7 @@ class Gateway:
         while True:
             now = time.time()
             local = self.pools.demand(self.admission.parking.counts())
-            report = admin_record(
-                self.settings.topics.control,
-                op="demand",
-                tenant="-",
-                at=now,
-                by="gateway",
-                replica=self.settings.replica,
-                demand={t: [d.waiting, d.running, d.started] for t, d in local.items()},
-            )
-            self.outbox.post([report])
+            self._report_demand(now, local)
             book = self.shares
             book.forget_stale(now)
             tenants = self._catalog.tenants
@@ -497,6 +488,26 @@ class Gateway:
             slots = {t: tenants[t].quota.max_concurrency for t in active}
             self.pools.apply_shares(book.shares(local, active, now, slots=slots), book.even(now))
             await asyncio.sleep(cluster.demand_interval_s)
+
+    def _report_demand(self, now: float, demand: Mapping[str, Demand]) -> None:
+        """Tell the other replicas what this one has waiting and running, per tenant."""
+        report = admin_record(
+            self.settings.topics.control,
+            op="demand",
+            tenant="-",
+            at=now,
+            by="gateway",
+            replica=self.settings.replica,
+            demand={t: [d.waiting, d.running, d.started] for t, d in demand.items()},
+        )
+        self.outbox.post([report])
+
+    async def _stop_sharing(self) -> None:
+        """Stop reporting, and report no demand: a replica that is stopping starts
+        nothing more, so the others take its shares now, not a peer timeout later."""
+        await self.supervisor.cancel(self._share_task)
+        if self._share_task is not None:
+            self._report_demand(time.time(), {})
 
     def fail(self, exc: BaseException) -> None:
         """A fatal error: stop with a non-zero exit; unfinished work is redelivered."""
@@ -611,7 +622,7 @@ class Gateway:
             steps.append(("api", self.api.stop))
         steps += [
             ("reloader", self.reloader.stop),
-            ("shares", lambda: self.supervisor.cancel(self._share_task)),
+            ("shares", self._stop_sharing),
             ("intake", self.intake.stop_fetching),
             ("admission", self.admission.stop),
             ("pools", lambda: self.pools.stop(grace)),

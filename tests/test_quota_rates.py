@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from gateway.control import DemandReport, parse_control
 from gateway.settings import Settings
 
 from conftest import (
@@ -24,6 +25,7 @@ from conftest import (
     jobs_partitions,
     quota_tenant,
     rate_between,
+    read_topic,
     start_times,
     wait_for,
 )
@@ -121,3 +123,12 @@ async def test_two_replicas_hold_each_tenant_to_its_rate_however_records_are_key
     # bytenant got one replica's half (20/s); skewed ran above its quota.
     for tenant, rate in rates.items():
         assert 40 * 0.88 <= rate <= 40 * 1.12, f"{tenant}: {rate:.1f}/s at 40/s ({rates})"
+
+    # Each replica's last word on jobs.control, once stopping: no demand, so the others
+    # take its shares at once rather than a peer timeout later.
+    last: dict[str, DemandReport] = {}
+    for record in await read_topic(configured, configured.topics.control):
+        command = parse_control(record.value, record.headers, record.timestamp)
+        if isinstance(command, DemandReport):
+            last[command.replica] = command
+    assert {replica: report.demand for replica, report in last.items()} == {"r1": {}, "r2": {}}
