@@ -35,9 +35,9 @@ LIMITS = TenantLimits(max_concurrency=4, rate_per_s=1e6, burst=10**6, max_queued
 class LinearScan:
     """The pick as it was before the heap: a scan of every tenant (the baseline)."""
 
-    def __init__(self, tenants: int) -> None:
+    def __init__(self, tenants: int, items: int) -> None:
         self.queues = {
-            f"t{n}": [0, 0.0, 1000, TokenBucket(1e6, 10**6, 0.0)] for n in range(tenants)
+            f"t{n}": [0, 0.0, items, TokenBucket(1e6, 10**6, 0.0)] for n in range(tenants)
         }
 
     def pop(self, now: float) -> str | None:
@@ -62,9 +62,10 @@ class LinearScan:
 def pick_cost(tenants: int, picks: int) -> tuple[float, float]:
     """Microseconds per pick and release: the heap scheduler, and the linear scan."""
     scheduler: FairScheduler[int] = FairScheduler(total_slots=256)
+    items = picks // tenants + 8  # every tenant keeps a backlog to the end
     for n in range(tenants):
         scheduler.configure(f"t{n}", LIMITS, 0.0)
-        for item in range(max(1, picks // tenants + 8)):
+        for item in range(items):
             scheduler.push(f"t{n}", item)
     running: list[str] = []
     rng = random.Random(1)
@@ -73,10 +74,10 @@ def pick_cost(tenants: int, picks: int) -> tuple[float, float]:
         picked = scheduler.pop(0.0)
         if picked is not None:
             running.append(picked[0])
-        if len(running) > 200 or picked is None:
+        if running and (len(running) > 200 or picked is None):
             scheduler.release(running.pop(rng.randrange(len(running))))
     heap_us = (time.perf_counter() - began) / picks * 1e6
-    scan = LinearScan(tenants)
+    scan = LinearScan(tenants, items)
     scan_running: list[str] = []
     scan_picks = min(picks, max(2000, 2_000_000 // tenants))
     began = time.perf_counter()
@@ -84,7 +85,7 @@ def pick_cost(tenants: int, picks: int) -> tuple[float, float]:
         tenant = scan.pop(0.0)
         if tenant is not None:
             scan_running.append(tenant)
-        if len(scan_running) > 200 or tenant is None:
+        if scan_running and (len(scan_running) > 200 or tenant is None):
             scan.release(scan_running.pop(rng.randrange(len(scan_running))))
     scan_us = (time.perf_counter() - began) / scan_picks * 1e6
     return heap_us, scan_us
