@@ -143,9 +143,18 @@ def dumps(value: Any) -> bytes:
 
 
 def rfc3339(epoch_s: float) -> str:
-    """RFC 3339 UTC with milliseconds, e.g. 2026-01-02T03:04:05.678Z."""
-    stamp = datetime.fromtimestamp(epoch_s, tz=UTC)
-    return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
+    """RFC 3339 UTC with milliseconds, e.g. 2026-01-02T03:04:05.678Z (as `datetime`
+    renders it; the seconds part is formatted once per second, as several records a
+    job share it)."""
+    second, micros = divmod(round(epoch_s * 1_000_000), 1_000_000)
+    cached_second, prefix = _RFC3339_SECOND
+    if second != cached_second:
+        prefix = datetime.fromtimestamp(second, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _RFC3339_SECOND[:] = [second, prefix]
+    return f"{prefix}.{micros // 1000:03d}Z"
+
+
+_RFC3339_SECOND: list[Any] = [None, ""]
 
 
 def status_record(

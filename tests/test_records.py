@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from gateway.catalog import load_catalog
 from gateway.envelope import DlqReason, Job, Rejection, Source
 from gateway.errors import SecretForbidden
 from gateway.outcomes import decide, rejection_records
-from gateway.records import Status, dlq_record, record_size
+from gateway.records import Status, dlq_record, record_size, rfc3339
 from gateway.runner import MAX_ERROR_TEXT, Outcome, finish_outcome
 from gateway.settings import RetrySettings, TopicSettings
 from gateway.vault import redact, tenant_secret_path
@@ -156,3 +157,12 @@ def test_vault_paths_must_match_in_full(path: str) -> None:
 
 def test_vault_path_below_the_tenant() -> None:
     assert tenant_secret_path("acme", "app/db-1") == "tenants/acme/app/db-1"
+
+
+@given(st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False))
+def test_rfc3339_is_the_instant_to_the_millisecond(epoch_s: float) -> None:
+    text = rfc3339(epoch_s)
+    assert len(text) == 24
+    assert text.endswith("Z")
+    parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    assert abs(parsed.timestamp() - epoch_s) < 0.001 + 1e-6
