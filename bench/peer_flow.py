@@ -3,7 +3,7 @@
 Only PenguiFlow and the standard library are imported here, because the
 pyrallel-consumer runner imports this module from its own Python 3.12 venv.
 
-A job record is what the gateway's contract says (`../shared/DESIGN.md`): header
+A job record is what the gateway's contract says (docs/architecture.md, the topics): header
 `tenant`, body `{"id", "type", "payload"}`; the benchmark's bodies also carry
 `tenant` (allowed by the contract when it equals the header) so systems that do not
 see headers (pyrallel-consumer's WorkItem) still know it. A result record has the job
