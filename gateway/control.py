@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from gateway.envelope import Job, header_value
+from gateway.envelope import Job, first_written_ms, header_value
 from gateway.settings import KafkaSettings
 from gateway.shares import Demand
 from gateway.tasks import Supervisor
@@ -81,7 +81,7 @@ class PendingCancels:
         kinds = self._bulk.get(job.tenant)
         if not kinds:
             return False
-        written_at = job.source.timestamp_ms / 1000
+        written_at = first_written_ms(job.source) / 1000
         now = time.time()
         for kind in (None, job.type):
             at = kinds.get(kind)

@@ -32,6 +32,7 @@ from gateway.settings import Settings
 
 __all__ = [
     "DEFAULT_PRIORITY",
+    "FIRST_WRITTEN",
     "GATEWAY_HEADERS",
     "MAX_DEPTH",
     "MAX_HEADERS",
@@ -42,6 +43,7 @@ __all__ = [
     "Job",
     "Rejection",
     "Source",
+    "first_written_ms",
     "header_bytes",
     "header_value",
     "input_limits",
@@ -56,7 +58,7 @@ MAX_DEPTH = 64
 DEFAULT_PRIORITY = 5
 PRIORITIES = range(10)
 # Headers the gateway itself adds to the copies it writes (retries, deferrals, redrives).
-GATEWAY_HEADERS = frozenset({"attempt", "not-before", "redriven-from"})
+GATEWAY_HEADERS = frozenset({"attempt", "not-before", "redriven-from", "first-written-ms"})
 # Room the gateway's own headers may take beyond the tenant-facing header bound.
 _GATEWAY_HEADER_SLACK = 512
 # An escaped UTF-16 surrogate (`\ud800`-`\udfff`): the only way JSON text decoded as
@@ -152,6 +154,27 @@ def header_value(headers: Headers, name: str) -> list[bytes | None]:
     return [value for key, value in headers if key == name]
 
 
+# On copies in `jobs.retry` and `jobs.deferred`: when the job's record was first
+# written to `jobs` (epoch ms). A bulk cancel covers jobs written before it was asked
+# for, and a copy is written later than the job it carries.
+FIRST_WRITTEN = "first-written-ms"
+
+
+def first_written_ms(source: Source) -> int:
+    """When the job's record was first written: the record's own time, or the earlier
+    one a copy carries. The earlier of the two, so a header cannot move a record out
+    of a bulk cancel's reach."""
+    written = source.timestamp_ms
+    for value in header_value(source.headers, FIRST_WRITTEN):
+        try:
+            stamp = int(value or b"")
+        except ValueError:
+            continue
+        if 0 <= stamp < written:
+            written = stamp
+    return written
+
+
 def header_bytes(headers: Headers) -> int:
     """Bytes of header names and values (names as UTF-8; an unencodable name counts its
     characters four times, the most UTF-8 could take)."""
@@ -227,7 +250,7 @@ def _header_problem(headers: Headers) -> str | None:
     if len(headers) - len(own) > MAX_HEADERS:
         return f"{len(headers) - len(own)} headers, at most {MAX_HEADERS}"
     if len(own) != len(set(own)):
-        return "a gateway header (attempt, not-before, redriven-from) appears twice"
+        return f"a gateway header ({', '.join(sorted(GATEWAY_HEADERS))}) appears twice"
     size = header_bytes(headers)
     if size > MAX_HEADER_BYTES + _GATEWAY_HEADER_SLACK:
         return f"{size} bytes of headers, at most {MAX_HEADER_BYTES}"

@@ -24,7 +24,7 @@ from typing import Any
 
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-from gateway.envelope import DlqReason, Job, Source
+from gateway.envelope import FIRST_WRITTEN, DlqReason, Job, Source, first_written_ms
 
 __all__ = [
     "TERMINAL",
@@ -289,8 +289,12 @@ def _without(headers: tuple[tuple[str, bytes | None], ...], names: frozenset[str
 
 def delayed_record(topic: str, job: Job, *, attempt: int, not_before_ms: int) -> OutRecord:
     """A copy of the job's original record for `jobs.retry` or `jobs.deferred`."""
-    headers = _without(job.source.headers, frozenset({"attempt", "not-before"}))
-    headers += [("attempt", str(attempt).encode()), ("not-before", str(not_before_ms).encode())]
+    headers = _without(job.source.headers, frozenset({"attempt", "not-before", FIRST_WRITTEN}))
+    headers += [
+        ("attempt", str(attempt).encode()),
+        ("not-before", str(not_before_ms).encode()),
+        (FIRST_WRITTEN, str(first_written_ms(job.source)).encode()),
+    ]
     return OutRecord(topic, job.id.encode(), job.source.value, headers)
 
 

@@ -10,6 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.control import PendingCancels, parse_control
+from gateway.envelope import Job, Source
+from gateway.records import delayed_record
 
 
 def command(**fields: object) -> bytes:
@@ -74,3 +76,40 @@ def test_pending_cancels_expire() -> None:
     time.sleep(0.06)
     assert ("acme", "j1") not in cancels
     assert "not a key" not in cancels
+
+
+def _job(topic: str, written_ms: int, headers: tuple[tuple[str, bytes | None], ...] = ()) -> Job:
+    source = Source(topic, 0, 7, b"{}", (("tenant", b"acme"), *headers), written_ms)
+    return Job(
+        tenant="acme",
+        id="j1",
+        type="echo",
+        payload={},
+        deadline_s=None,
+        max_attempts=None,
+        attempt=1,
+        not_before_ms=None,
+        idempotency_key=None,
+        source=source,
+    )
+
+
+def test_a_bulk_cancel_covers_copies_written_after_it_of_jobs_written_before() -> None:
+    # The job reached `jobs` at t=100 s; the operator cancels the tenant's jobs at
+    # t=150 s; a deferral copy of it is written at t=160 s, before this replica has
+    # applied the cancel: the copy is still the job of t=100 s, and is cancelled.
+    cancels = PendingCancels(10, ttl_s=60.0, bulk_ttl_s=1e12)
+    cancels.add_bulk("acme", None, 150.0)
+    fresh = _job("jobs", 100_000)
+    assert cancels.covers(fresh)
+    record = delayed_record("jobs.deferred", fresh, attempt=1, not_before_ms=170_000)
+    copy = _job("jobs.deferred", 160_000, tuple(record.headers))
+    assert cancels.covers(copy)
+    # ... and a copy of that copy keeps the first time.
+    again = delayed_record("jobs.deferred", copy, attempt=1, not_before_ms=180_000)
+    assert dict(again.headers)["first-written-ms"] == b"100000"
+    # A job written after the cancel is not covered, whatever header it carries.
+    later = _job("jobs", 200_000, (("first-written-ms", b"999999"),))
+    assert not cancels.covers(later)
+    forged = _job("jobs", 140_000, (("first-written-ms", b"999999"),))
+    assert cancels.covers(forged)  # a later stamp cannot take it out of reach
