@@ -240,6 +240,11 @@ class Child:
                 f"{self._channel_name}_channel_bad_message",
                 extra={"error": str(exc)[:200], **self._fields},
             )
+        except Exception as exc:  # noqa: BLE001  # a bug here must not leave the child unheard
+            self._log.exception(
+                f"{self._channel_name}_channel_reader_failed",
+                extra={"error": type(exc).__name__, **self._fields},
+            )
         if proc.returncode is None and not self._stopping.is_set():
             # A child that died closes its channel a moment before it is seen to exit.
             await first_of(_EXIT_AFTER_CLOSE_S, proc.wait())

@@ -180,7 +180,17 @@ async def _serve(tenant_fd: int, ops_fd: int, channel_fd: int) -> int:
 
     async def listen() -> None:
         # Read until the gateway closes the channel: replies to calls still under way
-        # keep arriving after Stop, while requests finish.
+        # keep arriving after Stop, while requests finish. However reading ends, the
+        # process stops (the gateway starts another): never serving with a dead channel.
+        try:
+            await read_channel()
+        except Exception as exc:
+            log.exception("api_channel_failed", extra={"error": type(exc).__name__})
+            raise
+        finally:
+            stop.set()
+
+    async def read_channel() -> None:
         while (message := await channel.receive()) is not None:
             if isinstance(message, CatalogChanged):
                 current["catalog"] = message.catalog
@@ -220,6 +230,8 @@ async def _serve(tenant_fd: int, ops_fd: int, channel_fd: int) -> int:
         await supervisor.close()
         listener.cancel()
         await asyncio.wait({listener})
+        if not listener.cancelled() and listener.exception() is not None:
+            code = 1  # the channel failed (logged): the gateway starts another
         await channel.close()
     return code
 
