@@ -151,13 +151,15 @@ def tenants_list(as_json: bool) -> None:
         click.echo(f"replica {data['replica']}")
         click.echo(
             f"{'tenant':<20} {'state':<7} {'running':>7} {'queued':>7} {'parked':>7} "
-            f"{'deferred':>8} {'throttled':>9} {'backlog':>8}"
+            f"{'deferred':>8} {'throttled':>9} {'backlog':>8}   {'cluster run/wait':>16}"
         )
         for row in sorted(data["tenants"], key=lambda r: -int(r.get("backlog", 0))):
+            cluster = row.get("cluster") or {}
+            everywhere = f"{cluster.get('running', 0)}/{cluster.get('waiting', 0)}"
             click.echo(
                 f"{row['tenant']:<20} {row['state']:<7} {row['running']:>7} {row['queued']:>7} "
                 f"{row.get('parked', 0):>7} {row['deferred']:>8} {row['throttled']:>9} "
-                f"{row.get('backlog', 0):>8}"
+                f"{row.get('backlog', 0):>8}   {everywhere:>16}"
             )
 
     _emit(_ask(_ops().tenants), as_json, table)

@@ -38,7 +38,7 @@ from gateway.intake import Intake
 from gateway.metrics import Metrics
 from gateway.offsets import OffsetTracker
 from gateway.outbox import Outbox
-from gateway.pools import PoolFigures, Pools
+from gateway.pools import PoolFigures, Pools, limits_for
 from gateway.process import make_undumpable, tune_gc
 from gateway.recorder import Recorder
 from gateway.records import admin_record
@@ -373,8 +373,14 @@ class Gateway:
         return list(self.pools.snapshot(self.admission.parking.counts()))
 
     async def tenant_figures(self) -> list[dict[str, object]]:
-        """Per tenant of the catalog, as this replica sees it (the admin API's view)."""
+        """Per tenant of the catalog, as this replica sees it (the admin API's view):
+        its own figures, its share of the quota now, and the cluster's waiting and
+        running jobs from the replicas' demand reports."""
         pools = {figures.tenant: figures for figures in self.pool_figures()}
+        now = time.time()
+        local = {f.tenant: Demand(f.queued + f.parked, f.running) for f in pools.values()}
+        cluster = self.shares.cluster(local, now)
+        replicas = len(self.shares.peers(now)) + 1
         rows: list[dict[str, object]] = []
         for tenant in self._catalog:
             figures = pools.get(tenant.id)
@@ -382,6 +388,9 @@ class Gateway:
             queued = figures.queued if figures else 0
             deferred = figures.deferred if figures else 0
             parked = figures.parked if figures else 0
+            queue = self.pools.scheduler.tenant(tenant.id)
+            limits = queue.limits if queue is not None else limits_for(tenant)
+            everywhere = cluster.get(tenant.id, Demand(0, 0))
             rows.append(
                 {
                     "tenant": tenant.id,
@@ -399,6 +408,15 @@ class Gateway:
                     "parked": parked,
                     "throttled": figures.throttled if figures else 0,
                     "backlog": queued + deferred + parked,
+                    "share": {
+                        "max_concurrency": limits.max_concurrency,
+                        "rate_per_s": round(limits.rate_per_s, 3),
+                    },
+                    "cluster": {
+                        "replicas": replicas,
+                        "waiting": everywhere.waiting,
+                        "running": everywhere.running,
+                    },
                 }
             )
         return rows

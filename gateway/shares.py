@@ -91,6 +91,19 @@ class ShareBook:
         replicas = len(self.peers(now)) + 1
         return Shares(1.0 / replicas, 1.0 / replicas)
 
+    def cluster(self, local: Mapping[str, Demand], now: float) -> dict[str, Demand]:
+        """Per tenant, this replica's demand and that of every peer heard from within
+        the timeout, added up: where the cluster's work is, a report late."""
+        totals: dict[str, Demand] = {}
+        live = [demand for at, demand in self._peers.values() if now - at <= self._timeout]
+        for demand in (local, *live):
+            for tenant, one in demand.items():
+                seen = totals.get(tenant, Demand(0, 0))
+                totals[tenant] = Demand(
+                    seen.waiting + one.waiting, seen.running + one.running, seen.started
+                )
+        return totals
+
     def shares(
         self,
         local: Mapping[str, Demand],

@@ -121,6 +121,22 @@ async def test_pause_and_resume_across_replicas_and_a_restart(
         await client.job("paced", job_id, "sleep", seconds=0.2)
     await client.flush()
     await wait_for(lambda: _started(configured, "paced", 8), 60)
+    # Each replica shows its own share of the tenant's quota and the whole cluster's
+    # work: both replicas hold some of it (keyed by job id), the slots add up to 4.
+    listings = []
+    for process in (one, two):
+        base = f"http://127.0.0.1:{ops_port(process)}"
+        async with httpx.AsyncClient(base_url=base, timeout=15) as admin:
+            listing = (await admin.get("/admin/v1/tenants", headers=ADMIN)).json()
+        listings.append({row["tenant"]: row for row in listing["tenants"]})
+    for rows in listings:
+        paced = rows["paced"]
+        assert paced["cluster"]["replicas"] == 2
+        mine = paced["running"] + paced["queued"] + paced["parked"]
+        assert paced["cluster"]["running"] + paced["cluster"]["waiting"] > mine > 0
+        assert 1 <= paced["share"]["max_concurrency"] <= 3
+    # Whole slots, apportioned alike (one more while a report is on its way).
+    assert sum(rows["paced"]["share"]["max_concurrency"] for rows in listings) in (4, 5)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{ops_port(one)}", timeout=15) as admin:
         answer = await admin.post("/admin/v1/tenants/paced/pause", headers=ADMIN)
         assert answer.status_code == 202, answer.text

@@ -231,6 +231,26 @@ _ADMIN_SCHEMAS: dict[str, Any] = {
             "parked": {"type": "integer"},
             "throttled": {"type": "integer"},
             "backlog": {"type": "integer"},
+            "share": {
+                "type": "object",
+                "description": "This replica's share of the quota now (gateway.shares).",
+                "properties": {
+                    "max_concurrency": {"type": "integer"},
+                    "rate_per_s": {"type": "number"},
+                },
+            },
+            "cluster": {
+                "type": "object",
+                "description": (
+                    "The tenant's jobs waiting (buffered or parked) and running on every"
+                    " replica heard from, from their demand reports (about 0.5 s old)."
+                ),
+                "properties": {
+                    "replicas": {"type": "integer"},
+                    "waiting": {"type": "integer"},
+                    "running": {"type": "integer"},
+                },
+            },
         },
     },
     "Tenants": {
