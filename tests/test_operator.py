@@ -29,6 +29,7 @@ from conftest import (
     ROOT,
     GatewayProcess,
     JobClient,
+    epoch,
     quota_tenant,
     read_topic,
     results_by_id,
@@ -171,12 +172,23 @@ async def test_pause_and_resume_across_replicas_and_a_restart(
     async with httpx.AsyncClient(
         base_url=f"http://127.0.0.1:{ops_port(fresh)}", timeout=15
     ) as admin:
+        resumed_at = time.time()
         answer = await admin.post("/admin/v1/tenants/paced/resume", headers=ADMIN)
         assert answer.status_code == 202
     records = await read_topic(configured, configured.topics.results, until=121, timeout_s=90)
     results = results_by_id(records)
     assert all(results[job_id][0]["status"] == "succeeded" for job_id in ids)
     assert sum(len(results[job_id]) for job_id in ids) == len(ids)
+    # The backlog completes at its quota: never more than its 4 slots at once.
+    spans = [
+        (epoch(found["started_at"]), epoch(found["finished_at"]))
+        for job_id in ids
+        for found in results[job_id]
+        if epoch(found["started_at"]) >= resumed_at - 0.5
+    ]
+    assert len(spans) > 40, "most of the backlog ran after the resume"
+    edges = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    assert max(itertools.accumulate(step for _, step in edges)) <= 4
     assert await read_topic(configured, configured.topics.dlq, timeout_s=1) == []
     fresh.signal(signal.SIGTERM)
     assert fresh.wait(60) == 0
