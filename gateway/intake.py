@@ -22,6 +22,7 @@ from aiokafka.structs import OffsetAndMetadata
 
 from gateway.admission import Admission
 from gateway.collectors import LagFigure
+from gateway.envelope import DlqReason, Rejection, Source
 from gateway.kafka import record_size, source_of, stop_consumer
 from gateway.metrics import Metrics
 from gateway.offsets import OffsetTracker
@@ -160,8 +161,10 @@ class Intake:
                 await asyncio.sleep(0.5)
                 continue
             except Exception as exc:  # noqa: BLE001  # the client could not decode a record
-                # Nothing names the record, so it cannot be dead-lettered: say so loudly
-                # (readiness too) and keep trying rather than exit into a restart loop.
+                if await self._skip_undecodable(consumer, exc):
+                    continue
+                # Not found: say so loudly (readiness too) and keep trying rather than
+                # exit into a restart loop.
                 self.fetch_problem = type(exc).__name__
                 log.error("fetch_failed", extra={"error": self.fetch_problem})
                 await asyncio.sleep(1.0)
@@ -220,6 +223,52 @@ class Intake:
         else:
             consumer.resume(*fresh)
             log.info("intake_resumed", extra={"outstanding": outstanding, "bytes": size})
+
+    async def _skip_undecodable(self, consumer: AIOKafkaConsumer, error: Exception) -> bool:
+        """Find the record the Kafka client cannot decode, dead-letter it by its position,
+        and read on past it; False when none was found.
+
+        The client decodes header names as UTF-8 inside the fetch, so a record with one
+        that is not raises there and names no record. Each assigned partition with
+        records left below its high watermark is read a record at a time (records before
+        the bad one are taken as usual) until the read fails: the partition's position is
+        then the bad record's offset."""
+        paused = consumer.paused()
+        for tp in sorted(self._assigned, key=str):
+            while tp not in paused:
+                highwater = consumer.highwater(tp)
+                if highwater is None or await consumer.position(tp) >= highwater:
+                    break  # nothing fetched beyond what was read
+                try:
+                    # The failed fetch is fetched again: wait for it.
+                    batch = await consumer.getmany(tp, timeout_ms=2000, max_records=1)
+                except KafkaError:
+                    return False
+                except Exception:  # noqa: BLE001  # this partition holds it
+                    offset = await consumer.position(tp)
+                    self._reject_unreadable(tp, offset, error)
+                    consumer.seek(tp, offset + 1)
+                    return True
+                records = batch.get(tp, [])
+                if not records:
+                    break
+                for record in records:
+                    self._take(tp, record)
+        return False
+
+    def _reject_unreadable(self, tp: TopicPartition, offset: int, error: Exception) -> None:
+        """Dead-letter a record known only by its position (`invalid_headers`)."""
+        ticket = self.tracker.track(tp, offset, 0)
+        source = Source(tp.topic, tp.partition, offset, None, (), int(time.time() * 1000))
+        detail = (
+            f"the Kafka client could not decode the record ({type(error).__name__}: a header"
+            " name that is not UTF-8); its value and headers could not be read"
+        )
+        log.error(
+            "record_unreadable",
+            extra={"partition": str(tp), "offset": offset, "error": type(error).__name__},
+        )
+        self._recorder.rejected(Rejection(DlqReason.INVALID_HEADERS, detail, source), ticket)
 
     def _take(self, tp: TopicPartition, record: Any) -> None:
         ticket = self.tracker.track(tp, record.offset, record_size(record))

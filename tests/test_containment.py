@@ -18,6 +18,10 @@ from typing import Any
 
 import httpx
 import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.producer import message_accumulator as accumulator
+from aiokafka.producer import producer as producer_module
+from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 from penguiflow import Message, Node, NodePolicy
 
 import gateway.admission
@@ -26,7 +30,7 @@ from gateway.flows import FlowGraph, JobContext, builtin_job_types
 from gateway.service import Gateway
 from gateway.settings import Settings
 
-from conftest import JobClient, read_topic, results_by_id, wait_for
+from conftest import JobClient, committed_offsets, read_topic, results_by_id, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -225,6 +229,63 @@ async def test_an_unexpected_error_dead_letters_that_record_and_the_loop_goes_on
         assert running.exit_code == 0
     finally:
         await running.stop()
+
+
+class _RawName(str):
+    """A header name whose UTF-8 form is bytes that are not UTF-8 at all: what a
+    producer in another language can write, and aiokafka's consumer cannot decode."""
+
+    __slots__ = ()
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return b"\xff\xfe-name"
+
+
+async def test_a_record_the_client_cannot_decode_is_dead_lettered_by_position(
+    settings: Settings, client: JobClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # aiokafka decodes header names inside the fetch: the record is named by nothing.
+    # The intake reads record by record to find it, dead-letters it by its offset, and
+    # every good job around it runs; nothing stalls.
+    for module in (accumulator, producer_module):
+        monkeypatch.setattr(module, "DefaultRecordBatchBuilder", _DefaultRecordBatchBuilderPy)
+    writer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers)
+    await writer.start()
+    try:
+        await client.job("acme", "before", "echo")
+        await client.flush()
+        good = json.dumps({"id": "bad-name", "type": "echo"}).encode()
+        await writer.send_and_wait(
+            settings.topics.jobs,
+            good,
+            key=b"before",  # the same partition as the job before it
+            headers=[("tenant", b"acme"), (_RawName("x"), b"v")],
+        )
+    finally:
+        await writer.stop()
+    monkeypatch.undo()
+    await client.send("acme", {"id": "after", "type": "echo"}, key=b"before")
+    await client.flush()
+    running = Gateway(settings, load_catalog(settings.tenants_dir, settings.policies_dir))
+    await running.start()
+    try:
+        results = results_by_id(await read_topic(settings, settings.topics.results, until=2))
+        assert results["before"][0]["status"] == results["after"][0]["status"] == "succeeded"
+        (dead,) = await read_topic(settings, settings.topics.dlq, until=1)
+        headers = dict(dead.headers)
+        assert headers["dlq-reason"] == b"invalid_headers"
+        assert b"not UTF-8" in headers["dlq-detail"]
+        assert running.intake.fetch_problem is None
+        assert running.exit_code == 0
+        # The partition's commit moved past all three records.
+        await wait_for(lambda: _committed_to(settings, 3), 15)
+    finally:
+        await running.stop()
+
+
+async def _committed_to(settings: Settings, offset: int) -> bool:
+    committed = await committed_offsets(settings, settings.topics.jobs)
+    return max((o or 0 for o in committed.values()), default=0) == offset
 
 
 async def test_a_dead_task_is_loud_and_the_gateway_exits_non_zero(
