@@ -121,14 +121,16 @@ def configure_logging(
     handler: logging.Handler | None = None,
 ) -> None:
     """Route every gateway log line to `stream` (stderr) in the chosen format, or to
-    `handler` as it is (the API process forwards records to the gateway's logging)."""
+    `handler` as it is (the API process forwards records to the gateway's logging).
+    Either way the Kafka client's lines are limited here, where their logger is still
+    known (the gateway writes the API process's lines under its own names)."""
     _REPLICA["value"] = replica
     if handler is None:
         stream = stream if stream is not None else sys.stderr
         use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
         handler = logging.StreamHandler(stream)
         handler.setFormatter(JsonFormatter() if use_json else PlainFormatter())
-        handler.addFilter(ClientLogLimit())
+    handler.addFilter(ClientLogLimit())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -15,7 +15,7 @@ import pytest
 
 from gateway.dev.services import Tansu
 from gateway.health import BrokerHealth, LoopWatch
-from gateway.observability import ClientLogLimit
+from gateway.observability import ClientLogLimit, configure_logging
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,6 +92,33 @@ def test_client_library_lines_are_limited_in_total_whatever_their_text() -> None
     dropped = sum(getattr(r, "suppressed", 0) for r in passed)
     assert 20 * 150 - len(passed) - dropped < 150  # only the last stretch is unreported
     assert all(getattr(r, "suppressed", 0) > 0 for r in passed[10:])
+
+
+def test_a_forwarding_handler_gets_the_client_limit_too() -> None:
+    # The API process forwards its records to the gateway, which writes them under its
+    # own names: the limit applies before they leave, while the logger is known.
+    class Keep(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.records: list[logging.LogRecord] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.records.append(record)
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    keep = Keep()
+    try:
+        configure_logging(handler=keep)
+        client = logging.getLogger("aiokafka.conn")
+        for n in range(200):
+            client.error("Unable connect to node %s", n)
+        logging.getLogger("gateway.test").warning("ours")
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    assert len([r for r in keep.records if r.name == "aiokafka.conn"]) <= 3
+    assert any(r.name == "gateway.test" for r in keep.records)
 
 
 def _gateway(env: dict[str, str], tmp_path: Path) -> subprocess.Popen[str]:
