@@ -74,7 +74,7 @@ class ClientLogLimit(logging.Filter):
         burst: int = 3,
         *,
         total_per_s: float = 2.0,
-        total_burst: int = 3,
+        total_burst: int = 2,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__()
@@ -130,7 +130,11 @@ def configure_logging(
         use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
         handler = logging.StreamHandler(stream)
         handler.setFormatter(JsonFormatter() if use_json else PlainFormatter())
-    handler.addFilter(ClientLogLimit())
+        handler.addFilter(ClientLogLimit())
+    else:
+        # The API process's clients see the same outage as the gateway's: a line
+        # every other second is enough to show it is theirs too.
+        handler.addFilter(ClientLogLimit(0.5, 1, total_per_s=0.5, total_burst=1))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -172,6 +172,8 @@ class Outbox:
             max_batch_size=settings.max_batch_bytes,
         )
         await producer.start()
+        if self._fence is not None:
+            _refuse_produce_when_fenced(producer, self._fence)
         self._producer = producer
         self._started = True
         self._sender = self._supervisor.spawn(self._run(), "gateway:outbox")
@@ -380,3 +382,22 @@ class Outbox:
         self._unsettled -= 1
         if self._unsettled == 0:
             self._idle.set()
+
+
+def _refuse_produce_when_fenced(producer: AIOKafkaProducer, fenced: Callable[[], bool]) -> None:
+    """Make the producer's own client refuse to send records once the replica is fenced.
+
+    Records handed to aiokafka wait in its accumulator for their batch to leave; a
+    replica frozen at that moment would, on waking, send them before any task of ours
+    ran and noticed: a second result for a job the partition's new owner ran. The check
+    sits where the request leaves, on this producer's client only; `fenced()` tells a
+    stalled loop from its clock alone, so it holds before the watch has ticked."""
+    client = producer.client
+    send = client.send
+
+    async def guarded(node_id: int, request: Any, *args: Any, **kwargs: Any) -> Any:
+        if type(request).__name__.startswith("ProduceRequest") and fenced():
+            raise KafkaConnectionError("replica fenced: it writes nothing more")
+        return await send(node_id, request, *args, **kwargs)
+
+    client.send = guarded

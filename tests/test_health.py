@@ -61,7 +61,7 @@ def test_a_stalled_loop_is_fenced_even_before_its_next_tick() -> None:
 
 
 def test_client_library_lines_are_rate_limited() -> None:
-    limit = ClientLogLimit(per_s=1.0, burst=3)
+    limit = ClientLogLimit(per_s=1.0, burst=3, total_burst=10)
     records = [
         logging.makeLogRecord({"name": "aiokafka.conn", "msg": "Unable connect to %s"})
         for _ in range(500)
