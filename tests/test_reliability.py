@@ -223,7 +223,7 @@ async def test_a_replica_that_slept_through_its_session_writes_nothing_and_exits
     frozen.start()
     ids = {f"z{n}" for n in range(300)}
     for n in range(300):
-        await client.job("acme" if n % 2 else "initech", f"z{n}", "sleep", seconds=0.05)
+        await client.job("acme" if n % 2 else "initech", f"z{n}", "sleep", seconds=0.2)
     await client.flush()
     await wait_for(lambda: results_at_least(settings, 20), 60)
     frozen.signal(signal.SIGSTOP)
@@ -236,10 +236,12 @@ async def test_a_replica_that_slept_through_its_session_writes_nothing_and_exits
     # Nothing it was running got out after it woke.
     after = len(await read_topic(settings, settings.topics.results, timeout_s=2))
     assert after == stopped_results
+    assert stopped_results < len(ids), "the replica froze with work left (the test's premise)"
     successor = gateway_process(settings, "successor")
     successor.start()
     seen = await wait_all_results(settings, ids, 120)
     assert sum(count - 1 for count in seen.values()) == 0, "a job got two results"
+    await wait_for(lambda: _has_event(successor, "gateway_started"), 60)
     successor.signal(signal.SIGTERM)
     assert successor.wait(30) == 0
 
@@ -266,3 +268,7 @@ async def test_a_drain_longer_than_the_session_timeout_still_writes_and_commits(
     assert await result_ids(configured) == dict.fromkeys(ids, 1)
     committed = await committed_offsets(configured, configured.topics.jobs)
     assert sum(offset or 0 for offset in committed.values()) == len(ids)
+
+
+def _has_event(process: Any, event: str) -> bool:
+    return any(line.get("event") == event for line in process.log_lines())
