@@ -97,6 +97,22 @@ def test_bad_tenant_file_is_named(
     assert words in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        (b'id = "beta"\ntier = "pro"\nnote = "caf\xe9"\n', "not UTF-8 (byte 36)"),
+        (b'id = "beta"\nid = "beta"\ntier = "pro"\n', "duplicate key at line 2"),
+    ],
+)
+def test_unreadable_tenant_file_is_named(dirs: tuple[Path, Path], data: bytes, words: str) -> None:
+    tenants, policies = dirs
+    (tenants / "beta.toml").write_bytes(data)
+    with pytest.raises(CatalogError) as caught:
+        load_catalog(tenants, policies)
+    assert caught.value.path.endswith("beta.toml")
+    assert words in str(caught.value)
+
+
 def test_duplicate_key_hash_across_tenants(dirs: tuple[Path, Path]) -> None:
     tenants, policies = dirs
     (tenants / "beta.toml").write_text(GOOD.format(id="beta", hash=hash_api_key("a")))
