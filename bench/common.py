@@ -354,28 +354,21 @@ def machine_note() -> str:
     return f"{os.cpu_count()} cores, load average {one:.2f} {five:.2f} {fifteen:.2f}"
 
 
+def _git(git: str, *args: str) -> str:
+    """A git command's output in this checkout (stripped)."""
+    return subprocess.run(
+        [git, *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True
+    ).stdout.strip()
+
+
 def commit() -> str:
     """The commit measured (`+changes` when the tree differs from it), or `unknown`."""
     git = shutil.which("git")
     if git is None:
         return "unknown"
     try:
-        head = subprocess.run(
-            [git, "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            [git, "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
+        head = _git(git, "rev-parse", "--short", "HEAD")
+        dirty = _git(git, "status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{head}+changes" if dirty else head

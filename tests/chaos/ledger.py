@@ -21,6 +21,7 @@ import itertools
 import json
 import time
 from collections import Counter
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -126,17 +127,41 @@ async def read_all(settings: Settings, topic: str, timeout_s: float = 120.0) -> 
         await stop_consumer(consumer)
 
 
-class ResultTail:
+class Background:
+    """A harness helper's loop in a task, and the consumer it reads (if any): `stop`
+    ends both."""
+
+    def __init__(self) -> None:
+        self._task: asyncio.Task[None] | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+
+    def _launch(
+        self, run: Coroutine[Any, Any, None], name: str, consumer: AIOKafkaConsumer | None = None
+    ) -> None:
+        self._consumer = consumer
+        self._task = asyncio.create_task(run, name=name)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._consumer is not None:
+            await stop_consumer(self._consumer)
+            self._consumer = None
+
+
+class ResultTail(Background):
     """Follows `jobs.results` in the background: which job ids have a result, and when
     (by record timestamp) results were written."""
 
     def __init__(self, settings: Settings) -> None:
+        super().__init__()
         self.settings = settings
         self.seen: Counter[str] = Counter()
         self.stamps: list[int] = []  # record timestamps (ms), in arrival order
         self.errors = 0
-        self._task: asyncio.Task[None] | None = None
-        self._consumer: AIOKafkaConsumer | None = None
 
     async def start(self) -> None:
         topic = self.settings.topics.results
@@ -148,8 +173,7 @@ class ResultTail:
         ]
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
-        self._consumer = consumer
-        self._task = asyncio.create_task(self._run(consumer), name="chaos-result-tail")
+        self._launch(self._run(consumer), "chaos-result-tail", consumer)
 
     async def _run(self, consumer: AIOKafkaConsumer) -> None:
         while True:
@@ -165,16 +189,6 @@ class ResultTail:
                     if info is not None:
                         self.seen[info.id] += 1
                         self.stamps.append(info.ts_ms)
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if self._consumer is not None:
-            await stop_consumer(self._consumer)
-            self._consumer = None
 
     def count(self) -> int:
         return sum(self.seen.values())
@@ -316,23 +330,21 @@ def build_ledger(
     )
 
 
-class OffsetWatch:
+class OffsetWatch(Background):
     """Samples the group's committed offsets of the input topics; notes regressions."""
 
     def __init__(self, settings: Settings, interval_s: float = 0.5) -> None:
+        super().__init__()
         self.settings = settings
         self.interval_s = interval_s
         self.last: dict[TopicPartition, int] = {}
         self.regressions: list[tuple[float, str, int, int]] = []  # (at, tp, before, after)
         self.samples = 0
-        self._task: asyncio.Task[None] | None = None
-        self._consumer: AIOKafkaConsumer | None = None
 
     async def start(self) -> None:
         consumer = _consumer(self.settings, group_id=self.settings.kafka.group_id)
         await consumer.start()
-        self._consumer = consumer
-        self._task = asyncio.create_task(self._run(consumer), name="chaos-offset-watch")
+        self._launch(self._run(consumer), "chaos-offset-watch", consumer)
 
     async def _run(self, consumer: AIOKafkaConsumer) -> None:
         topics = self.settings.topics
@@ -360,13 +372,3 @@ class OffsetWatch:
             except (KafkaError, TimeoutError, OSError):
                 pass
             await asyncio.sleep(self.interval_s)
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if self._consumer is not None:
-            await stop_consumer(self._consumer)
-            self._consumer = None

@@ -11,7 +11,6 @@ ledger (`finish`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import random
 import statistics
@@ -26,7 +25,7 @@ from faults import revoke_tenant_tokens
 from gateway.settings import VaultSettings
 
 from .harness import CHAOS_TENANTS, MIB, ChaosCluster, Replica, metric_values
-from .ledger import Ledger, OffsetWatch, ResultTail, build_ledger, read_all
+from .ledger import Background, Ledger, OffsetWatch, ResultTail, build_ledger, read_all
 from .load import LoadGenerator, Mix
 from .report import ScenarioResult
 
@@ -50,21 +49,21 @@ CHAOS_SETTINGS: dict[str, Any] = {"max_inflight": MAX_INFLIGHT}
 # -- the common shape --------------------------------------------------------------
 
 
-class OpsProbe:
+class OpsProbe(Background):
     """Polls every live replica's `/readyz` and `gateway_broker_up` / `gateway_vault_up`
     (when the replica serves its operators' listener) about once a second."""
 
     def __init__(self, cluster: ChaosCluster, interval_s: float = 1.0) -> None:
+        super().__init__()
         self.cluster = cluster
         self.interval_s = interval_s
         # (time.time(), replica, readyz status or None, broker_up, vault_up, lag sum)
         self.samples: list[
             tuple[float, str, int | None, float | None, float | None, float | None]
         ] = []
-        self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="chaos-ops-probe")
+        self._launch(self._run(), "chaos-ops-probe")
 
     async def _run(self) -> None:
         while True:
@@ -85,13 +84,6 @@ class OpsProbe:
                 status = ready[0] if ready is not None else None
                 self.samples.append((time.time(), replica.name, status, broker_up, vault_up, lag))
             await asyncio.sleep(self.interval_s)
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
     def between(
         self, start: float, end: float
