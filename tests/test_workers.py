@@ -105,6 +105,11 @@ def split(process: GatewayProcess, settings: Settings) -> bool:
     return bool(mine and its) and sorted(mine | its) == list(range(settings.kafka.partitions))
 
 
+def ops_client(process: GatewayProcess) -> httpx.AsyncClient:
+    """A client of the machine's operators' listener (its port must be known)."""
+    return httpx.AsyncClient(base_url=f"http://127.0.0.1:{ops_port(process)}", timeout=10)
+
+
 async def ready(ops: httpx.AsyncClient) -> bool:
     return (await ops.get("/readyz")).status_code == 200
 
@@ -120,7 +125,7 @@ async def test_two_workers_share_the_work_and_answer_as_one_machine(
     configured = quick(settings, vault=openbao.gateway_vault)
     process = machine(gateway_process, configured, GATEWAY_HTTP__ENABLED="true")
     await wait_for(lambda: ops_port(process), 60)
-    ops = httpx.AsyncClient(base_url=f"http://127.0.0.1:{ops_port(process)}", timeout=10)
+    ops = ops_client(process)
     http_port = process.events("http_started")[-1]["port"]
     tenant_api = httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}", timeout=10)
     async with ops, tenant_api:
@@ -209,7 +214,7 @@ async def test_a_killed_worker_is_restarted_and_nothing_is_lost(
     configured = quick(settings, max_inflight=64)
     process = machine(gateway_process, configured)
     await wait_for(lambda: ops_port(process), 60)
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{ops_port(process)}") as ops:
+    async with ops_client(process) as ops:
         await wait_for(lambda: ready(ops), 60)
         ids = {f"k{n}" for n in range(1500)}
         for n in range(1500):
@@ -296,7 +301,7 @@ async def test_a_second_signal_ends_every_process_at_once(
     configured = quick(settings, shutdown_grace_s=30.0)
     process = machine(gateway_process, configured)
     await wait_for(lambda: ops_port(process), 60)
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{ops_port(process)}") as ops:
+    async with ops_client(process) as ops:
         await wait_for(lambda: ready(ops), 60)
     for n in range(8):
         await client.job("acme", f"forever{n}", "sleep", seconds=60)
