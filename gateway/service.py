@@ -71,6 +71,13 @@ _READINESS_CHECK_S = 2.0
 _FAILED_GRACE_S = 5.0
 # A process's whole shutdown ends within its grace, the produce timeout and this.
 _SHUTDOWN_SLACK_S = 10.0
+# The steps after the outbox's drain that wait on the broker (commit and leave the group,
+# close the readers and the producer) share this much time, or this little while the
+# broker is unreachable (nothing sent then would be answered): a step past it is
+# abandoned, and its work is redelivered as after a crash.
+_BROKER_STEPS = frozenset({"commit", "control", "finished", "outbox"})
+_CLOSE_S = 5.0
+_CLOSE_UNREACHABLE_S = 1.0
 
 # A readiness check: None when fine, else a short reason (shown by GET /readyz).
 ReadinessCheck = Callable[[], Awaitable[str | None]]
@@ -625,6 +632,11 @@ class Gateway:
         5. close the cancel listener (it still reached running jobs during the grace),
            the finished-jobs reader and the producer; stop renewing the Vault token;
            end whatever task is left.
+
+        The broker's part of 4 and 5 (commit, leave, close the clients) shares one
+        bound, `_CLOSE_S`, or `_CLOSE_UNREACHABLE_S` during an outage; a step past it is
+        abandoned (exit 1), so a SIGTERM during an outage still ends the process soon
+        after the grace and the drain.
         """
         if self._stopping:
             return
@@ -657,9 +669,23 @@ class Gateway:
         if self.secrets is not None:
             steps.append(("vault", self.secrets.stop))
         steps.append(("tasks", self.supervisor.close))
+        loop = asyncio.get_running_loop()
+        closing_until: float | None = None
         for name, step in steps:
+            bound: float | None = None
+            if name in _BROKER_STEPS:
+                if closing_until is None:
+                    budget = _CLOSE_S if self.broker.up else _CLOSE_UNREACHABLE_S
+                    closing_until = loop.time() + budget
+                bound = max(0.0, closing_until - loop.time())
             try:
-                await step()
+                async with asyncio.timeout(bound):
+                    await step()
+            except TimeoutError:
+                log.warning(
+                    "stop_step_abandoned", extra={"step": name, "broker_up": self.broker.up}
+                )
+                self.exit_code = 1
             except Exception as exc:  # noqa: BLE001  # one failed step must not skip the rest
                 log.error("stop_step_failed", extra={"step": name, "error": type(exc).__name__})
                 self.exit_code = 1

@@ -372,7 +372,11 @@ class SecretStore:
                         mount_point=settings.approle_mount,
                     )
                 except (*_DENIED, hvac.exceptions.InvalidRequest):
-                    raise ConfigError("vault: AppRole login refused (role_id/secret_id)") from None
+                    raise ConfigError(
+                        f"Vault at {settings.addr} refused the gateway's AppRole login: check "
+                        "GATEWAY_VAULT__ROLE_ID and GATEWAY_VAULT__SECRET_ID (and "
+                        "GATEWAY_VAULT__APPROLE_MOUNT)"
+                    ) from None
                 self.stats.logins += 1
                 lease = float(response["auth"]["lease_duration"])
                 self._gateway_expires_at = self._clock() + lease if lease else None
@@ -381,7 +385,10 @@ class SecretStore:
             try:
                 response = await self._call(self._client.auth.token.lookup_self)
             except _DENIED:
-                raise ConfigError("vault: the gateway's token was refused") from None
+                raise ConfigError(
+                    f"Vault at {settings.addr} refused the gateway's token (expired, revoked "
+                    "or never valid there): check GATEWAY_VAULT__TOKEN"
+                ) from None
             ttl = float(response["data"].get("ttl") or 0)
             self._gateway_expires_at = self._clock() + ttl if ttl else None
 

@@ -17,6 +17,8 @@ from gateway.dev.services import Tansu
 from gateway.health import BrokerHealth, LoopWatch
 from gateway.observability import ClientLogLimit, configure_logging
 
+from conftest import VaultServer
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -195,6 +197,43 @@ def test_without_vault_it_retries_then_says_what_to_change(tmp_path: Path, tansu
     assert "GATEWAY_VAULT__ADDR" in last
     assert "s.nothing" not in err
     assert "Traceback" not in err
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("login", ["token", "approle"])
+def test_refused_vault_credentials_end_the_start_at_once_naming_the_setting(
+    tmp_path: Path, tansu: Tansu, openbao: VaultServer, login: str
+) -> None:
+    """A Vault that answers but refuses the gateway's credentials: no waiting out the
+    start-up timeout (retrying cannot help), one line naming what to fix, no secret."""
+    wrong = "s.wrong-" + "7" * 20
+    credentials = (
+        {"GATEWAY_VAULT__TOKEN": wrong}
+        if login == "token"
+        else {
+            "GATEWAY_VAULT__ROLE_ID": openbao.gateway_vault.role_id,
+            "GATEWAY_VAULT__SECRET_ID": wrong,
+        }
+    )
+    began = time.monotonic()
+    process = _gateway(
+        {
+            "GATEWAY_KAFKA__BOOTSTRAP_SERVERS": tansu.bootstrap,
+            "GATEWAY_VAULT__ADDR": openbao.bao.addr,
+            "GATEWAY_VAULT__STARTUP_TIMEOUT_S": "60",
+            **credentials,
+        },
+        tmp_path,
+    )
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert time.monotonic() - began < 30  # not the 60 s of start-up retries
+    last = err.strip().splitlines()[-1]
+    assert f"Vault at {openbao.bao.addr} refused the gateway's" in last
+    assert ("GATEWAY_VAULT__TOKEN" if login == "token" else "GATEWAY_VAULT__SECRET_ID") in last
+    assert wrong not in out + err
+    assert "Traceback" not in err
+    assert '"gateway_started"' not in err
 
 
 def test_sigterm_while_waiting_for_the_broker_ends_at_once(tmp_path: Path) -> None:

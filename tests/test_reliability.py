@@ -11,12 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaProducer
+from faults import ProxiedTansu
 
+from gateway.service import ensure_topics, shutdown_bound_s
 from gateway.settings import Settings
 
 from conftest import (
     JobClient,
     committed_offsets,
+    make_settings,
     quota_tenant,
     read_topic,
     result_ids,
@@ -211,6 +215,49 @@ async def test_sigterm_with_long_jobs_exits_within_grace_and_loses_nothing(
     assert all(seen[i] == 1 for i in ids)
     second.signal(signal.SIGTERM)
     assert second.wait(30) == 0
+
+
+async def test_sigterm_during_a_broker_outage_ends_within_its_bound_and_loses_nothing(
+    tmp_path: Path, gateway_process: Any
+) -> None:
+    """The broker black-holed (connections accepted, never answered) while jobs run:
+    SIGTERM still ends the process within its shutdown bound, and what it could not
+    write or commit is redone by the next replica once the broker is back."""
+    with ProxiedTansu(tmp_path / "tansu.log") as tansu:
+        made = make_settings(tansu.bootstrap, shutdown_grace_s=2.0)
+        settings = made.model_copy(
+            update={"kafka": made.kafka.model_copy(update={"produce_timeout_s": 5.0})}
+        )
+        await ensure_topics(settings.kafka, settings.topics)
+        ids = {f"o{n}" for n in range(600)}
+        producer = AIOKafkaProducer(bootstrap_servers=tansu.bootstrap, linger_ms=2)
+        await producer.start()
+        try:
+            client = JobClient(settings, producer)
+            for n in range(600):
+                await client.job("initech" if n % 2 else "acme", f"o{n}", "sleep", seconds=0.05)
+            await client.flush()
+        finally:
+            await producer.stop()
+        first = gateway_process(settings, "first")
+        first.start()
+        await wait_for(lambda: results_at_least(settings, 50), 60)
+        tansu.proxy.blackhole()
+        await wait_for(lambda: first.events("broker_unreachable"), 30)
+        stopped_at = time.monotonic()
+        first.signal(signal.SIGTERM)
+        bound = shutdown_bound_s(settings)
+        first.wait(bound + 10)
+        took = time.monotonic() - stopped_at
+        assert took < bound, f"SIGTERM during the outage took {took:.1f} s (bound {bound:g} s)"
+        assert first.events("gateway_stopped"), "it was killed, not stopped"
+        tansu.proxy.heal()
+        second = gateway_process(settings, "second")
+        second.start()
+        seen = await wait_all_results(settings, ids, 120)
+        assert ids <= set(seen)
+        second.signal(signal.SIGTERM)
+        assert second.wait(30) == 0
 
 
 async def test_a_replica_that_slept_through_its_session_writes_nothing_and_exits(
