@@ -210,8 +210,9 @@ def _read_toml(path: Path | str) -> dict[str, Any]:
         raise CatalogError(str(path), "", f"cannot read: {exc.strerror}") from None
     try:
         return rtoml.loads(text)
-    except rtoml.TomlParsingError as exc:
-        raise CatalogError(str(path), "", f"malformed TOML: {exc}") from None
+    except ValueError as exc:  # rtoml.TomlParsingError, and any value it cannot convert
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CatalogError(str(path), "", f"malformed TOML: {first}") from None
 
 
 def _raise_first(path: Path, exc: ValidationError, prefix: str = "") -> CatalogError:
