@@ -135,14 +135,9 @@ class Intake:
             await self._supervisor.cancel(task)
 
     async def close(self) -> None:
-        """Commit what is finished and leave the group; idempotent."""
-        consumer = self._consumer
-        if consumer is None:
-            return
-        try:
-            await self.commit()
-        finally:
-            self._consumer = None
+        """Leave the group and close the consumer (commit first); idempotent."""
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
             await stop_consumer(consumer)
 
     # -- fetching ------------------------------------------------------------

@@ -75,9 +75,10 @@ _SHUTDOWN_SLACK_S = 10.0
 # close the readers and the producer) share this much time, or this little while the
 # broker is unreachable (nothing sent then would be answered): a step past it is
 # abandoned, and its work is redelivered as after a crash.
-_BROKER_STEPS = frozenset({"commit", "control", "finished", "outbox"})
+_BROKER_STEPS = frozenset({"commit", "leave", "control", "finished", "outbox"})
 _CLOSE_S = 5.0
 _CLOSE_UNREACHABLE_S = 1.0
+_CLOSE_STEP_MIN_S = 0.25  # each of them gets at least this, whatever the others took
 
 # A readiness check: None when fine, else a short reason (shown by GET /readyz).
 ReadinessCheck = Callable[[], Awaitable[str | None]]
@@ -658,7 +659,8 @@ class Gateway:
             ("pools", lambda: self.pools.stop(grace)),
             ("outbox-drain", self._drain_outbox),
             ("leave-together", self._before_leaving_group),
-            ("commit", self.intake.close),
+            ("commit", self.intake.commit),
+            ("leave", self.intake.close),
             # Only now: the writers and the commit judge a stalled loop by its ticks.
             ("watch", lambda: self.supervisor.cancel(self._watch_task)),
             ("workers", self._stop_workers),
@@ -670,14 +672,14 @@ class Gateway:
             steps.append(("vault", self.secrets.stop))
         steps.append(("tasks", self.supervisor.close))
         loop = asyncio.get_running_loop()
-        closing_until: float | None = None
+        closing_left: float | None = None  # the broker steps' budget (seconds)
         for name, step in steps:
             bound: float | None = None
             if name in _BROKER_STEPS:
-                if closing_until is None:
-                    budget = _CLOSE_S if self.broker.up else _CLOSE_UNREACHABLE_S
-                    closing_until = loop.time() + budget
-                bound = max(0.0, closing_until - loop.time())
+                if closing_left is None:
+                    closing_left = _CLOSE_S if self.broker.up else _CLOSE_UNREACHABLE_S
+                bound = max(_CLOSE_STEP_MIN_S, closing_left)
+            began = loop.time()
             try:
                 async with asyncio.timeout(bound):
                     await step()
@@ -689,6 +691,8 @@ class Gateway:
             except Exception as exc:  # noqa: BLE001  # one failed step must not skip the rest
                 log.error("stop_step_failed", extra={"step": name, "error": type(exc).__name__})
                 self.exit_code = 1
+            if bound is not None and closing_left is not None:
+                closing_left -= loop.time() - began
         log.info("gateway_stopped", extra={"exit_code": self.exit_code})
 
     async def _before_leaving_group(self) -> None:
