@@ -681,7 +681,10 @@ def check_rate_across_rebalances(
     span = starts[-1] - first
     overall = (len(starts) - 1) / span if span > 0 else float("inf")
     counts = Counter(int((s - first) // window_s) for s in starts)
-    windows = sorted(counts)[:-1]  # whole windows only
+    # Whole windows only, and not the one before the last either: as the backlog runs
+    # out it is spread unevenly over the replicas (one empties first), so its last
+    # seconds are reported, not held to the quota.
+    windows = sorted(counts)[:-2]
     changes = [at for at, what in events if what.startswith(("started gw", "SIGTERM", "SIGKILL"))][
         1:
     ]  # the first replica starts before any job
@@ -905,9 +908,17 @@ async def soak(
             result.details["thread_slope_per_min"] = (
                 round(slope_threads, 3) if slope_threads is not None else None
             )
+            last = t0 + 2 * (samples[-1].at - t0) / 3
+            tail_slope = _slope_per_min(
+                [(s.at - t0, s.job_rss / MIB) for s in samples if s.at >= last]
+            )
+            result.details["rss_slope_last_third_mib_per_min"] = (
+                round(tail_slope, 3) if tail_slope is not None else None
+            )
             result.note(
                 f"capacity {capacity:.0f}/s, soak {rate:.0f}/s for {seconds:.0f}s, {n} faults; "
-                f"anchor job-process RSS slope {slope_rss if slope_rss is None else round(slope_rss, 2)} MiB/min, "
+                f"anchor job-process RSS slope {slope_rss if slope_rss is None else round(slope_rss, 2)} MiB/min "
+                f"(last third {tail_slope if tail_slope is None else round(tail_slope, 2)}), "
                 f"threads slope {slope_threads if slope_threads is None else round(slope_threads, 2)}/min"
             )
         lags = (
