@@ -14,11 +14,18 @@ from dataclasses import dataclass
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gateway.loadguard import SlotGuard
 from gateway.metrics import OTHER, TenantLabels
 from gateway.pools import PoolFigures
 from gateway.vault import VaultStats
 
-__all__ = ["BrokerCollector", "LagFigure", "PoolCollector", "VaultCollector"]
+__all__ = [
+    "BrokerCollector",
+    "LagFigure",
+    "LoopGuardCollector",
+    "PoolCollector",
+    "VaultCollector",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +204,28 @@ class VaultCollector(Collector):
         )
         up.add_metric([], 1.0 if available else 0.0)
         yield up
+
+
+class LoopGuardCollector(Collector):
+    """The event loop's smoothed lag and the cap on running jobs it sets
+    (`gateway.loadguard`)."""
+
+    def __init__(self, guard: SlotGuard) -> None:
+        self._guard = guard
+
+    def collect(self) -> Iterator[Metric]:
+        lag = GaugeMetricFamily(
+            "gateway_event_loop_lag_seconds",
+            "How late a timer fires on the job process's event loop (smoothed).",
+        )
+        lag.add_metric([], self._guard.lag_s)
+        yield lag
+        slots = GaugeMetricFamily(
+            "gateway_job_slots",
+            "Jobs this process may run at once: max_inflight, less while its loop is saturated.",
+        )
+        slots.add_metric([], float(self._guard.limit))
+        yield slots
 
 
 class BrokerCollector(Collector):

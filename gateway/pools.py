@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from gateway.catalog import Catalog, Tenant
 from gateway.entry import Entry
+from gateway.loadguard import LoopSampler, SlotGuard
 from gateway.observability import job_log
 from gateway.recorder import Recorder
 from gateway.records import Status
@@ -29,6 +30,9 @@ from gateway.tasks import Supervisor
 __all__ = ["PoolFigures", "Pools", "limits_for"]
 
 log = logging.getLogger("gateway.pools")
+
+# A saturation episode of the event loop ends (one log line) after this long without a cut.
+_CAPPED_QUIET_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +96,17 @@ class Pools:
         self._recorder = recorder
         self._supervisor = supervisor
         self.scheduler: FairScheduler[Entry] = FairScheduler(settings.max_inflight)
+        guard = settings.loop_guard
+        self.guard: SlotGuard | None = None
+        if guard.enabled:
+            self.guard = SlotGuard(
+                settings.max_inflight,
+                min_slots=guard.min_slots,
+                lag_target_s=guard.lag_target_s,
+                busy_threshold=guard.busy_threshold,
+            )
+        self._guard_interval_s = guard.interval_s
+        self._guard_task: asyncio.Task[None] | None = None
         self._by_key: dict[tuple[str, str], Entry] = {}
         self._running: set[Entry] = set()
         self._wake = asyncio.Event()
@@ -248,11 +263,17 @@ class Pools:
         self.apply_catalog(self._catalog())
         if self._task is None:
             self._task = self._supervisor.spawn(self._dispatch(), "gateway:dispatch")
+        if self.guard is not None and self._guard_task is None:
+            self._guard_task = self._supervisor.spawn(
+                self._guard_slots(self.guard), "gateway:loop-guard"
+            )
 
     async def stop(self, grace_s: float) -> None:
         """Stop starting jobs, let running ones finish within `grace_s`, cancel the rest."""
         task, self._task = self._task, None
         await self._supervisor.cancel(task)
+        guard_task, self._guard_task = self._guard_task, None
+        await self._supervisor.cancel(guard_task)
         for entry in self.scheduler.remove(lambda _: True):
             self._by_key.pop(entry.job.key, None)
         await self._wait_or_cancel(list(self._running), grace_s)
@@ -291,14 +312,51 @@ class Pools:
                 self._running.add(entry)
                 entry.task = asyncio.create_task(self._execute(entry), name="gateway:job")
             self._wake.clear()
-            wait = (
-                scheduler.next_wakeup_s(now) if scheduler.running < scheduler.total_slots else None
-            )
+            wait = scheduler.next_wakeup_s(now) if scheduler.running < scheduler.max_slots else None
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the
             # cancellation that stops this loop when the event is set at that moment.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await self._wake.wait()
+
+    async def _guard_slots(self, guard: SlotGuard) -> None:
+        """Cap the running jobs while the event loop is saturated (gateway.loadguard)."""
+        sampler = LoopSampler()
+        try:
+            await self._follow_loop(guard, sampler)
+        finally:
+            sampler.close()
+
+    async def _follow_loop(self, guard: SlotGuard, sampler: LoopSampler) -> None:
+        scheduler = self.scheduler
+        capped_since: float | None = None
+        last_cut = 0.0
+        while True:
+            await asyncio.sleep(self._guard_interval_s)
+            now = time.monotonic()
+            before = guard.limit
+            limit = guard.observe(sampler.sample(self._guard_interval_s), scheduler.running, now)
+            scheduler.total_slots = limit
+            if limit > before:
+                self._wake.set()
+            elif limit < before:
+                last_cut = now
+                if capped_since is None:
+                    capped_since = now
+                    log.info(
+                        "job_slots_capped",
+                        extra={
+                            "slots": limit,
+                            "loop_lag_ms": round(guard.lag_s * 1000, 1),
+                            "busy": round(guard.busy, 2),
+                        },
+                    )
+            if capped_since is not None and now - last_cut >= _CAPPED_QUIET_S:
+                log.info(
+                    "job_slots_released",
+                    extra={"slots": limit, "capped_s": round(last_cut - capped_since, 1)},
+                )
+                capped_since = None
 
     async def _execute(self, entry: Entry) -> None:
         """One attempt: `running`, the flow, the outcome. A cancellation by shutdown or

@@ -143,6 +143,10 @@ class FairScheduler(Generic[T]):
     """Per-tenant buffers, limits and weighted fair choice of the next job."""
 
     def __init__(self, total_slots: int) -> None:
+        # `total_slots` may be lowered below `max_slots` for a while (gateway.loadguard):
+        # past it only a tenant with nothing running starts, so a cap on the replica's
+        # jobs holds back backlogs, never a tenant's first job.
+        self.max_slots = total_slots
         self.total_slots = total_slots
         self.running = 0
         self._tenants: dict[str, TenantQueue[T]] = {}
@@ -250,9 +254,15 @@ class FairScheduler(Generic[T]):
         heapq.heappush(self._timed, (due, queue.entry, tenant))
 
     def pop(self, now: float) -> tuple[str, T] | None:
-        """The next job to start, or None when no tenant is eligible or no slot is free."""
-        if self.running >= self.total_slots:
+        """The next job to start, or None when no tenant is eligible or no slot is free.
+
+        Past `total_slots` (a cap below `max_slots`) only the tenant next in line may
+        start, and only when it has nothing running: a tenant that just got work joins
+        at the current virtual time, ahead of every backlog, so it still starts at once.
+        """
+        if self.running >= self.max_slots:
             return None
+        capped = self.running >= self.total_slots
         timed, ready = self._timed, self._ready
         while timed and timed[0][0] <= now:
             _, entry, tenant = heapq.heappop(timed)
@@ -261,13 +271,18 @@ class FairScheduler(Generic[T]):
                 queue.token_due = 0.0
                 heapq.heappush(ready, (queue.passed, entry, tenant))
         while ready:
-            _, entry, tenant = heapq.heappop(ready)
+            _, entry, tenant = ready[0]
             queue = self._tenants.get(tenant)
             if queue is None or queue.entry != entry:
+                heapq.heappop(ready)
                 continue  # stale: the tenant has a newer entry, or none
             if not queue.runnable():
+                heapq.heappop(ready)
                 queue.entry = 0
                 continue
+            if capped and queue.running > 0:
+                return None  # it keeps its place in line
+            heapq.heappop(ready)
             if not queue.bucket.try_take(now):
                 queue.rate_blocked = True
                 self._wait_for_token(tenant, queue, now + queue.bucket.wait_s(now))

@@ -19,7 +19,12 @@ from aiokafka.errors import KafkaError
 from gateway.admission import Admission
 from gateway.api.supervisor import ApiProcess
 from gateway.catalog import Catalog, CatalogLoader
-from gateway.collectors import BrokerCollector, PoolCollector, VaultCollector
+from gateway.collectors import (
+    BrokerCollector,
+    LoopGuardCollector,
+    PoolCollector,
+    VaultCollector,
+)
 from gateway.control import (
     CancelAllCommand,
     CancelCommand,
@@ -271,6 +276,8 @@ class Gateway:
         )
         self.metrics.add_collector(VaultCollector(self._vault_stats))
         self.metrics.add_collector(BrokerCollector(lambda: self.broker.up))
+        if self.pools.guard is not None:
+            self.metrics.add_collector(LoopGuardCollector(self.pools.guard))
         # Extra conditions for GET /readyz (e.g. Vault reachable or its cache warm).
         self.readiness_checks: list[ReadinessCheck] = []
         if self.secrets is not None:

@@ -365,3 +365,39 @@ def test_property_the_heap_picks_the_smallest_pass_among_eligible_tenants(
             assert eligible[picked[0]] == min(eligible.values())
             running.append(picked[0])
         assert scheduler.running == len(running)
+
+
+def test_under_a_cap_only_a_tenant_with_nothing_running_starts() -> None:
+    scheduler: FairScheduler[str] = FairScheduler(total_slots=10)
+    scheduler.configure("flood", limits(), 0.0)
+    scheduler.configure("quiet", limits(), 0.0)
+    for n in range(50):
+        scheduler.push("flood", f"f{n}")
+    started = [scheduler.pop(0.0) for _ in range(4)]
+    assert all(s is not None and s[0] == "flood" for s in started)
+    scheduler.total_slots = 3  # the loop guard's cap, below what runs
+    assert scheduler.pop(0.0) is None  # the flood's backlog waits
+    scheduler.push("quiet", "q1")
+    scheduler.push("quiet", "q2")
+    assert scheduler.pop(0.0) == ("quiet", "q1")  # its first job starts past the cap
+    assert scheduler.pop(0.0) is None  # its second waits like any backlog
+    for _ in range(3):
+        scheduler.release("flood")
+    assert scheduler.running == 2  # one flood job and q1
+    picked = {scheduler.pop(0.0) for _ in range(2)} - {None}
+    assert len(picked) == 1  # one slot under the cap of 3: fair order decides whose
+    assert scheduler.pop(0.0) is None
+    scheduler.total_slots = 10  # the cap lifted: the backlogs start again
+    assert scheduler.pop(0.0) is not None
+
+
+def test_the_hard_limit_holds_even_for_a_tenant_with_nothing_running() -> None:
+    scheduler: FairScheduler[str] = FairScheduler(total_slots=2)
+    scheduler.configure("a", limits(), 0.0)
+    scheduler.configure("b", limits(), 0.0)
+    scheduler.push("a", "a1")
+    scheduler.push("a", "a2")
+    assert scheduler.pop(0.0) is not None
+    assert scheduler.pop(0.0) is not None
+    scheduler.push("b", "b1")
+    assert scheduler.pop(0.0) is None  # max_inflight is never exceeded
