@@ -298,8 +298,8 @@ class CatalogLoader:
 
     Tenant files are cached by path with their modification time and size; a load
     stats every file and parses only new or changed ones (all of them when the tiers
-    changed). A catalog of 10,000 tenants loads in about a second and reloads after one
-    file changed in a few tens of milliseconds.
+    changed). A file costs about 100 µs of one core to read, parse (rtoml), validate and
+    build; a reload after one file changed costs a stat per file.
     """
 
     def __init__(self, tenants_dir: Path, policies_dir: Path) -> None:
