@@ -676,7 +676,9 @@ def check_rate_across_rebalances(
     never above it in any window (one burst of `quota` tokens allowed), and within 15%
     in every window that begins `SETTLE_S` after the last membership change (replicas
     started, stopped or killed). While the group rebalances nothing starts, so the
-    windows around the changes are reported, not held to the quota."""
+    windows around the changes are reported, not held to the quota. A change is a replica
+    started, stopped or killed, or a replica assigned partitions (`events` "assigned ...":
+    the rebalance itself, which can come long after the process started)."""
     first = starts[0]
     span = starts[-1] - first
     overall = (len(starts) - 1) / span if span > 0 else float("inf")
@@ -685,9 +687,11 @@ def check_rate_across_rebalances(
     # out it is spread unevenly over the replicas (one empties first), so its last
     # seconds are reported, not held to the quota.
     windows = sorted(counts)[:-2]
-    changes = [at for at, what in events if what.startswith(("started gw", "SIGTERM", "SIGKILL"))][
-        1:
-    ]  # the first replica starts before any job
+    changes = [  # the first replica starts, and is assigned its partitions, before any job
+        at
+        for at, what in events
+        if what.startswith(("started gw", "SIGTERM", "SIGKILL", "assigned")) and at > first
+    ]
     settled_from = max(changes, default=first) + SETTLE_S
     settled: list[float] = []
     for window in windows:
@@ -722,7 +726,7 @@ async def rebalance_quota(
     *,
     name: str,
     metered_rate: float = 40.0,
-    metered_jobs: int = 4800,
+    metered_jobs: int = 7200,
     others_rate: float = 200,
 ) -> ScenarioResult:
     """A tenant with rate_per_s 40 has a backlog of `metered_jobs` echo jobs while the
@@ -783,8 +787,15 @@ async def rebalance_quota(
             for info in found
             if info.started_at is not None
         )
+        assigned = [
+            (line["ts"], f"assigned {replica.name}")
+            for replica in cluster.replicas
+            for line in replica.log_lines("partitions_assigned")
+            if "ts" in line
+        ]
         if len(starts) > 2:
-            check_rate_across_rebalances(result, starts, cluster.events, metered_rate)
+            events = sorted([*cluster.events, *assigned])
+            check_rate_across_rebalances(result, starts, events, metered_rate)
         else:
             result.check(False, "the metered tenant's jobs have no start times")
         return result
