@@ -81,7 +81,7 @@ _SHUTDOWN_SLACK_S = 10.0
 # broker is unreachable (nothing sent then would be answered): a step past it is
 # abandoned, and its work is redelivered as after a crash.
 _BROKER_STEPS = frozenset({"commit", "leave", "control", "finished", "outbox"})
-_CLOSE_S = 5.0
+_CLOSE_S = 8.0  # within _SHUTDOWN_SLACK_S
 _CLOSE_UNREACHABLE_S = 1.0
 _CLOSE_STEP_MIN_S = 0.25  # each of them gets at least this, whatever the others took
 
@@ -643,8 +643,10 @@ class Gateway:
 
         The broker's part of 4 and 5 (commit, leave, close the clients) shares one
         bound, `_CLOSE_S`, or `_CLOSE_UNREACHABLE_S` during an outage; a step past it is
-        abandoned (exit 1), so a SIGTERM during an outage still ends the process soon
-        after the grace and the drain.
+        abandoned, so a SIGTERM during an outage still ends the process soon after the
+        grace and the drain. Only an abandoned commit means exit 1 (its finished work
+        runs again); leaving the group late (a rebalance under way) or closing a client
+        late loses nothing.
         """
         if self._stopping:
             return
@@ -694,7 +696,8 @@ class Gateway:
                 log.warning(
                     "stop_step_abandoned", extra={"step": name, "broker_up": self.broker.up}
                 )
-                self.exit_code = 1
+                if name == "commit":  # finished work will run again: say so in the exit code
+                    self.exit_code = 1
             except Exception as exc:  # noqa: BLE001  # one failed step must not skip the rest
                 log.error("stop_step_failed", extra={"step": name, "error": type(exc).__name__})
                 self.exit_code = 1

@@ -690,7 +690,8 @@ def check_rate_across_rebalances(
     changes = [  # the first replica starts, and is assigned its partitions, before any job
         at
         for at, what in events
-        if what.startswith(("started gw", "SIGTERM", "SIGKILL", "assigned")) and at > first
+        if what.startswith(("started gw", "SIGTERM", "SIGKILL", "assigned"))
+        and first < at <= starts[-1]  # not the teardown's rebalances, after the backlog
     ]
     settled_from = max(changes, default=first) + SETTLE_S
     settled: list[float] = []
