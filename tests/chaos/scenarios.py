@@ -722,20 +722,32 @@ def check_rate_across_rebalances(
     )
 
 
+async def _assigned(replica: Replica, timeout_s: float) -> bool:
+    """Whether `replica` logged a partition assignment (it joined the group) in time."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if next(replica.log_lines("partitions_assigned"), None) is not None:
+            return True
+        await asyncio.sleep(1.0)
+    return False
+
+
 async def rebalance_quota(
     workdir: Path,
     *,
     name: str,
     metered_rate: float = 40.0,
-    metered_jobs: int = 7200,
     others_rate: float = 200,
+    join_timeout_s: float = 180.0,
+    judged_s: float = 60.0,
 ) -> ScenarioResult:
-    """A tenant with rate_per_s 40 has a backlog of `metered_jobs` echo jobs while the
-    other tenants' mixed jobs flow at `others_rate`/s; replicas are added (1 -> 2 -> 3)
-    and removed (SIGTERM, 3 -> 2, then SIGKILL one, replaced) under that load. The
-    metered tenant's start rate (from `started_at`) must stay under its quota in every
-    10 s window, and be back within 15% of it once the last rebalance is over
-    (`check_rate_across_rebalances`)."""
+    """A tenant with rate_per_s 40 keeps a backlog of echo jobs (fed at 1.25 times its
+    quota) while the other tenants' mixed jobs flow at `others_rate`/s; replicas are
+    added (1 -> 2 -> 3) and removed (SIGTERM, 3 -> 2, then SIGKILL one, replaced) under
+    that load, each change once the one before it has settled (a new replica assigned
+    its partitions). The metered tenant's start rate (from `started_at`) must stay under
+    its quota in every 10 s window, and be back within 15% of it for `judged_s` after
+    the last rebalance (`check_rate_across_rebalances`)."""
     tenants = {
         **CHAOS_TENANTS,
         "metered": {
@@ -748,39 +760,47 @@ async def rebalance_quota(
     }
     run = await begin(name, workdir, replicas=1, tenants=tenants, restart_on_exit=False)
     try:
+        cluster, result = run.cluster, run.result
         metered = Mix(tenants={"metered": 1.0}, echo=1.0, sleep=0.0)
-        await run.load.produce(metered_jobs, mix=metered)
-        expected_s = metered_jobs / metered_rate
-        producing = asyncio.create_task(
-            run.load.produce(int(others_rate * expected_s), rate=others_rate)
-        )
-        began = time.monotonic()
-        cluster = run.cluster
-        plan = [  # the last change leaves about 30 s of backlog to judge the rate by
-            (0.10, "add"),
-            (0.20, "add"),
-            (0.35, "stop"),
-            (0.45, "kill"),
-            (0.55, "add"),
+        await run.load.produce(int(metered_rate * 30), mix=metered)  # 30 s of backlog
+        feeding = asyncio.Event()
+        feeding.set()
+
+        async def feed(rate: float, mix: Mix | None) -> None:
+            while feeding.is_set():
+                await run.load.produce(max(1, int(rate)), rate=rate, mix=mix)
+
+        feeds = [
+            asyncio.create_task(feed(metered_rate * 1.25, metered)),
+            asyncio.create_task(feed(others_rate, None)),
         ]
-        for fraction, action in plan:
-            await asyncio.sleep(max(0.0, began + fraction * expected_s - time.monotonic()))
-            if action == "add":
-                cluster.add_replica()
-            elif action == "stop":
-                victim = cluster.live()[0]
-                cluster.event(f"SIGTERM {victim.name}")
-                code = await victim.stop(timeout_s=60, why="removed under load")
-                run.result.check(code == 0, f"{victim.name} removed with SIGTERM exited {code}")
-            else:
-                victim = cluster.live()[-1]
-                victim.kill(why="removed under load (SIGKILL)")
-                cluster.event(f"SIGKILL {victim.name}")
-                cluster.add_replica()
-        run.heal_at = cluster.event("last rebalance")
-        await producing
+        try:
+
+            async def join(replica: Replica) -> None:
+                joined = await _assigned(replica, join_timeout_s)
+                result.check(joined, f"{replica.name} not assigned within {join_timeout_s:g} s")
+                await asyncio.sleep(10)
+
+            await asyncio.sleep(10)
+            await join(cluster.add_replica())  # 1 -> 2
+            await join(cluster.add_replica())  # 2 -> 3
+            victim = cluster.live()[0]
+            cluster.event(f"SIGTERM {victim.name}")
+            code = await victim.stop(timeout_s=60, why="removed under load")
+            result.check(code == 0, f"{victim.name} removed with SIGTERM exited {code}")
+            await asyncio.sleep(15)
+            victim = cluster.live()[-1]
+            victim.kill(why="removed under load (SIGKILL)")
+            cluster.event(f"SIGKILL {victim.name}")
+            await join(cluster.add_replica())  # replaced
+            last = cluster.add_replica()
+            run.heal_at = cluster.event("last rebalance")
+            await join(last)
+            await asyncio.sleep(SETTLE_S + judged_s)
+        finally:
+            feeding.clear()
+            await asyncio.gather(*feeds)
         ledger = await finish(run, drain_timeout_s=300, duplicate_bound=MAX_INFLIGHT)
-        result = run.result
         starts = sorted(
             info.started_at
             for job_id, found in ledger.results.items()

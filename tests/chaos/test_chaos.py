@@ -88,7 +88,7 @@ async def test_frozen_replica(tmp_path: Path) -> None:
     passed(await frozen_replica(tmp_path, name="frozen_replica_12s"))
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1500)
 async def test_rebalances_keep_quotas(tmp_path: Path) -> None:
     passed(await rebalance_quota(tmp_path, name="rebalance_quota_40ps"))
 
