@@ -134,6 +134,6 @@ class SlotGuard:
                 # Cut from what runs (the cap may stand far above it, unused).
                 self.limit = max(self.min_slots, int(min(self.limit, running) * self._cut))
                 self._next_cut = now + self._cooldown_s
-        elif running >= self.limit:
+        elif not self.saturated and running >= self.limit:
             self.limit = min(self.max_slots, self.limit + 1)
         return self.limit

@@ -48,6 +48,16 @@ def test_the_cap_never_falls_below_min_slots() -> None:
     assert slots.limit == 6
 
 
+def test_a_saturated_loop_never_raises_the_cap_even_with_few_jobs_running() -> None:
+    slots = guard(min_slots=6)
+    for n in range(100):
+        slots.observe(SATURATED, running=slots.limit, now=n * 0.3)
+    assert slots.limit == 6
+    for n in range(20):  # still saturated, every slot in use, too few to cut
+        slots.observe(SATURATED, running=6, now=40 + n)
+    assert slots.limit == 6
+
+
 def test_lag_without_a_busy_thread_comes_from_outside_and_moves_nothing() -> None:
     slots = guard()
     for n in range(50):
