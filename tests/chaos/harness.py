@@ -43,6 +43,7 @@ from gateway.dev.services import bootstrap_local
 from gateway.service import ensure_topics
 from gateway.settings import Settings
 
+from .ledger import cancel_task
 from conftest import ROOT, make_settings, quota_tenant, settings_env
 
 __all__ = [
@@ -320,11 +321,8 @@ class ChaosCluster:
 
     async def close(self) -> None:
         """Stop the watcher, every replica (SIGTERM, bounded) and the services."""
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
-            self._watcher = None
+        watcher, self._watcher = self._watcher, None
+        await cancel_task(watcher)
         try:
             await asyncio.gather(
                 *(r.stop(timeout_s=20, why="teardown") for r in self.replicas if r.alive())

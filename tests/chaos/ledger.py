@@ -127,6 +127,14 @@ async def read_all(settings: Settings, topic: str, timeout_s: float = 120.0) -> 
         await stop_consumer(consumer)
 
 
+async def cancel_task(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a helper's task and wait until it has ended (None: nothing to do)."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 class Background:
     """A harness helper's loop in a task, and the consumer it reads (if any): `stop`
     ends both."""
@@ -142,11 +150,8 @@ class Background:
         self._task = asyncio.create_task(run, name=name)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_task(task)
         if self._consumer is not None:
             await stop_consumer(self._consumer)
             self._consumer = None
