@@ -67,7 +67,7 @@ from gateway.control import DemandReport, parse_control
 from gateway.dev.services import Tansu
 from gateway.pools import limits_for
 from gateway.settings import Settings
-from gateway.shares import ShareBook
+from gateway.shares import ShareBook, rise_hold_s
 
 PARTITIONS = 6
 SLEEP_S = 0.05
@@ -293,7 +293,12 @@ def _replay(
             book.observe(report.replica, report.at, report.demand)
         if report.replica not in books:
             book = ShareBook(
-                report.replica, peer_timeout_s=cluster.peer_timeout_s, floor=cluster.share_floor
+                report.replica,
+                peer_timeout_s=cluster.peer_timeout_s,
+                floor=cluster.share_floor,
+                hold_s=rise_hold_s(
+                    cluster.demand_interval_s, settings.kafka.fetch_max_wait_ms / 1000
+                ),
             )
             for other in reports:
                 if other.at > report.at:

@@ -50,7 +50,7 @@ from gateway.records import admin_record
 from gateway.reload import CatalogReloader
 from gateway.runner import Runner
 from gateway.settings import KafkaSettings, Settings, TopicSettings
-from gateway.shares import Demand, ShareBook
+from gateway.shares import Demand, ShareBook, rise_hold_s
 from gateway.tasks import Supervisor, cancel_and_wait
 from gateway.vault import SecretStore, VaultStats
 from gateway.worker.pool import Workers
@@ -258,6 +258,9 @@ class Gateway:
             settings.replica,
             peer_timeout_s=settings.cluster.peer_timeout_s,
             floor=settings.cluster.share_floor,
+            hold_s=rise_hold_s(
+                settings.cluster.demand_interval_s, settings.kafka.fetch_max_wait_ms / 1000
+            ),
         )
         self._share_task: asyncio.Task[None] | None = None
         # Finished jobs only (the API process keeps the statuses and results for GET).

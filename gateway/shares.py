@@ -16,16 +16,33 @@ that just arrived can start before the next round of reports, taken from the oth
 proportion so that the shares still add up to the quota; its concurrency comes as whole
 slots, at least one, apportioned by largest remainders, which every replica computes
 alike from the same reports. A tenant nobody is waiting on splits evenly. A single
-replica, or one that hears from no peer, gets the whole quota. Pure: no clock, no I/O;
-the caller passes the time.
+replica, or one that hears from no peer, gets the whole quota.
+
+Every replica computes from its own demand now and its peers' as last reported, so
+when demand moves (after a rebalance every replica's buffers refill at once) each one
+briefly sees its own new backlog beside its peers' old, empty ones, and all of them
+would take most of the quota until the next reports arrive. With `hold_s` a share
+therefore falls at once but rises only once the higher figure has held for `hold_s`
+(long enough for the peers to hear this replica's report and answer it): a share is
+the least this replica computed over the last `hold_s`, a tenant that just became busy
+starting from the even split it had. Work that just arrived still gets the floor.
+Pure: no clock, no I/O; the caller passes the time.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-__all__ = ["Demand", "ShareBook", "Shares"]
+__all__ = ["Demand", "ShareBook", "Shares", "rise_hold_s"]
+
+
+def rise_hold_s(demand_interval_s: float, fetch_max_wait_s: float) -> float:
+    """How long a share's rise is held back: this replica's report reaches the peers
+    within a fetch wait of the round that computed the rise, and each of them answers
+    it within one round of its own; one round more for the rounds' timers to drift."""
+    return 2 * demand_interval_s + fetch_max_wait_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,17 +65,32 @@ class Shares:
 
 
 _WHOLE = Shares(1.0, 1.0)
+_IDLE = Demand(0, 0)
+
+
+def _with_slots(share: Shares, cap: int | None) -> Shares:
+    """`share` with its whole number of slots of a quota of `cap` filled in (as the
+    pools derive them when none were apportioned: `gateway.pools.limits_for`)."""
+    if cap is None or share.slots is not None:
+        return share
+    return Shares(share.rate, share.concurrency, max(1, round(cap * share.concurrency)))
 
 
 class ShareBook:
     """The latest demand report of every peer, and this replica's shares from them."""
 
-    def __init__(self, replica: str, *, peer_timeout_s: float, floor: float) -> None:
+    def __init__(
+        self, replica: str, *, peer_timeout_s: float, floor: float, hold_s: float = 0.0
+    ) -> None:
         self.replica = replica
         self._timeout = peer_timeout_s
         self._floor = floor
+        self._hold_s = hold_s
         # peer -> (reported at, {tenant: demand})
         self._peers: dict[str, tuple[float, Mapping[str, Demand]]] = {}
+        # tenant -> the shares computed within the last `hold_s` (and the one in force
+        # when it began), oldest first; only tenants held above the even split
+        self._recent: dict[str, deque[tuple[float, Shares]]] = {}
 
     def observe(self, replica: str, at: float, demand: Mapping[str, Demand]) -> None:
         """A peer's report (this replica's own reports are ignored: it knows better)."""
@@ -114,7 +146,22 @@ class ShareBook:
     ) -> dict[str, Shares]:
         """This replica's shares of every tenant in `tenants`; with `slots` (a tenant's
         `max_concurrency`), also its whole number of slots, apportioned the same way on
-        every replica so that they add up to the quota (see `_apportion`)."""
+        every replica so that they add up to the quota (see `_apportion`). With
+        `hold_s`, rises are held back (see the module's docstring), and a tenant that
+        left `tenants` within the last `hold_s` is listed too, until its even split
+        has held."""
+        computed = self._computed(local, tenants, now, slots)
+        if self._hold_s <= 0:
+            return computed
+        return self._held(computed, local, now, slots or {})
+
+    def _computed(
+        self,
+        local: Mapping[str, Demand],
+        tenants: Iterable[str],
+        now: float,
+        slots: Mapping[str, int] | None,
+    ) -> dict[str, Shares]:
         peers = {
             replica: demand
             for replica, (at, demand) in self._peers.items()
@@ -141,6 +188,42 @@ class ShareBook:
                 own_slots = max(1, _apportion(load, cap).get(self.replica, 0))
             result[tenant] = Shares(rate, concurrency, own_slots)
         return result
+
+    def _held(
+        self,
+        computed: Mapping[str, Shares],
+        local: Mapping[str, Demand],
+        now: float,
+        caps: Mapping[str, int],
+    ) -> dict[str, Shares]:
+        """Each tenant's least shares over the last `hold_s`; at least the floor of its
+        rate while it has work waiting here."""
+        even = self.even(now)
+        horizon = now - self._hold_s
+        held: dict[str, Shares] = {}
+        for tenant in {*computed, *self._recent}:
+            cap = caps.get(tenant)
+            fair = _with_slots(even, cap)
+            share = _with_slots(computed.get(tenant, even), cap)
+            recent = self._recent.get(tenant)
+            if recent is None:
+                recent = self._recent[tenant] = deque([(now, fair)])  # what it had
+            recent.append((now, share))
+            while len(recent) > 1 and recent[1][0] <= horizon:
+                recent.popleft()  # superseded before the window began
+            if tenant not in computed and all(s == fair for _, s in recent):
+                del self._recent[tenant]  # idle, and even for all of the window
+                continue
+            rate = min(s.rate for _, s in recent)
+            if local.get(tenant, _IDLE).waiting > 0:
+                rate = max(rate, min(share.rate, self._floor))  # work that just arrived
+            slots = [s.slots for _, s in recent if s.slots is not None]
+            held[tenant] = Shares(
+                rate,
+                min(s.concurrency for _, s in recent),
+                min(slots) if slots else None,
+            )
+        return held
 
     def _fraction(self, demand: Mapping[str, int], replicas: int) -> float:
         """This replica's fraction of a quota split by `demand` (floored, summing to 1)."""
