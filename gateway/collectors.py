@@ -226,6 +226,13 @@ class LoopGuardCollector(Collector):
         )
         slots.add_metric([], float(self._guard.limit))
         yield slots
+        pace = GaugeMetricFamily(
+            "gateway_job_start_pace",
+            "Jobs this process may start a second while its loop stays saturated at its "
+            "fewest slots (0: not paced).",
+        )
+        pace.add_metric([], self._guard.rate or 0.0)
+        yield pace
 
 
 class BrokerCollector(Collector):

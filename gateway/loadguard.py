@@ -20,7 +20,17 @@ decrease, as TCP and adaptive concurrency limiters do):
   effect before the next;
 - not saturated with every slot under the cap in use: the cap rises by one slot.
 
-Under the cap the fair scheduler still starts the first job of a tenant with nothing
+Short jobs slip past a cap on slots: at `min_slots` jobs of a few milliseconds a process
+still starts as many jobs a second as its core can take, and stays saturated. So while
+the loop is saturated with no more than `min_slots` jobs running, the guard paces the
+starts: a start rate of `cut` times the rate it measured (smoothed), cut again at most
+once per `cooldown_s` while saturated, raised by `rate_step` of itself at each sample
+that is not, and lifted once it stands at twice the starts it lets through. Pacing
+only helps someone when another tenant is there to be kept waiting, so it holds only
+while the process is *contended* (more than one tenant started jobs lately): a single
+tenant's backlog runs as fast as the core allows.
+
+Under either cap the fair scheduler still starts the first job of a tenant with nothing
 running (`FairScheduler.pop`), so a quiet tenant is never held back by it; the backlogs
 are what it holds back. Pure but for `LoopSampler`, which reads the clock.
 """
@@ -111,6 +121,7 @@ class SlotGuard:
         busy_threshold: float,
         cut: float = 0.8,
         cooldown_s: float = 0.25,
+        rate_step: float = 0.02,
     ) -> None:
         self.max_slots = max_slots
         self.min_slots = min(min_slots, max_slots)
@@ -123,17 +134,48 @@ class SlotGuard:
         self._cut = cut
         self._cooldown_s = cooldown_s
         self._next_cut = -math.inf
+        self._rate_step = rate_step
+        # Starts a second allowed (None: not paced), and the measured rate, smoothed.
+        self.rate: float | None = None
+        self.start_rate = 0.0
+        self._last: float | None = None
 
-    def observe(self, sample: LoopSample, running: int, now: float) -> int:
-        """Take one sample with the number of jobs running now; the new cap."""
+    def observe(
+        self,
+        sample: LoopSample,
+        running: int,
+        now: float,
+        started: int = 0,
+        *,
+        contended: bool = True,
+    ) -> int:
+        """Take one sample with the number of jobs running now and started since the
+        last sample, and whether more than one tenant started jobs lately; the new cap
+        on slots (`rate`: the cap on starts a second)."""
         self.lag_s += _SMOOTHING * (sample.lag_s - self.lag_s)
         self.busy += _SMOOTHING * (sample.busy - self.busy)
+        if self._last is not None and now > self._last:
+            measured = started / (now - self._last)
+            self.start_rate += _SMOOTHING * (measured - self.start_rate)
+        self._last = now
         self.saturated = self.lag_s > self._lag_target_s and self.busy >= self._busy_threshold
-        if self.saturated and running > self.min_slots:
+        if self.rate is not None and not contended:
+            self.rate = None  # nobody left to keep waiting
+        if self.saturated:
             if now >= self._next_cut:
-                # Cut from what runs (the cap may stand far above it, unused).
-                self.limit = max(self.min_slots, int(min(self.limit, running) * self._cut))
-                self._next_cut = now + self._cooldown_s
-        elif not self.saturated and running >= self.limit:
+                if running > self.min_slots:
+                    # Cut from what runs (the cap may stand far above it, unused).
+                    self.limit = max(self.min_slots, int(min(self.limit, running) * self._cut))
+                    self._next_cut = now + self._cooldown_s
+                elif contended and self.start_rate > 0:
+                    # Too few jobs running to cut, still saturated: pace the starts.
+                    base = self.start_rate if self.rate is None else self.rate
+                    self.rate = max(1.0, min(base, self.start_rate) * self._cut)
+                    self._next_cut = now + self._cooldown_s
+        elif self.rate is not None:
+            self.rate *= 1.0 + self._rate_step
+            if self.rate >= 2 * max(1.0, self.start_rate):
+                self.rate = None  # it no longer holds anything back
+        elif running >= self.limit:
             self.limit = min(self.max_slots, self.limit + 1)
         return self.limit

@@ -19,6 +19,7 @@ from gateway.catalog import Catalog, Tenant
 from gateway.entry import Entry
 from gateway.loadguard import LoopSampler, SlotGuard
 from gateway.observability import job_log
+from gateway.quotas import TokenBucket
 from gateway.recorder import Recorder
 from gateway.records import Status
 from gateway.runner import CANCELLED, Outcome, Runner
@@ -33,6 +34,9 @@ log = logging.getLogger("gateway.pools")
 
 # A saturation episode of the event loop ends (one log line) after this long without a cut.
 _CAPPED_QUIET_S = 10.0
+# A process is contended while more than one tenant started a job within this long: only
+# then does the loop guard pace starts (gateway.loadguard).
+_CONTENDED_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,15 +335,30 @@ class Pools:
         scheduler = self.scheduler
         capped_since: float | None = None
         last_cut = 0.0
+        started = scheduler.started
+        contended, pruned = False, 0.0
         while True:
             await asyncio.sleep(self._guard_interval_s)
             now = time.monotonic()
-            before = guard.limit
-            limit = guard.observe(sampler.sample(self._guard_interval_s), scheduler.running, now)
+            if now - pruned >= 1.0:
+                contended, pruned = self._contended(now), now
+            before, paced_before = guard.limit, guard.rate
+            limit = guard.observe(
+                sampler.sample(self._guard_interval_s),
+                scheduler.running,
+                now,
+                scheduler.started - started,
+                contended=contended,
+            )
+            started = scheduler.started
             scheduler.total_slots = limit
-            if limit > before:
+            self._pace_starts(guard.rate)
+            cut = limit < before or (
+                guard.rate is not None and (paced_before is None or guard.rate < paced_before)
+            )
+            if limit > before or (paced_before is not None and guard.rate is None):
                 self._wake.set()
-            elif limit < before:
+            elif cut:
                 last_cut = now
                 if capped_since is None:
                     capped_since = now
@@ -347,6 +366,7 @@ class Pools:
                         "job_slots_capped",
                         extra={
                             "slots": limit,
+                            "starts_per_s": None if guard.rate is None else round(guard.rate),
                             "loop_lag_ms": round(guard.lag_s * 1000, 1),
                             "busy": round(guard.busy, 2),
                         },
@@ -357,6 +377,28 @@ class Pools:
                     extra={"slots": limit, "capped_s": round(last_cut - capped_since, 1)},
                 )
                 capped_since = None
+
+    def _contended(self, now: float) -> bool:
+        """Whether more than one tenant started a job in the last `_CONTENDED_S` (the
+        ones that did not are forgotten)."""
+        recent = self.scheduler.last_start
+        for tenant in [t for t, at in recent.items() if now - at > _CONTENDED_S]:
+            del recent[tenant]
+        return len(recent) > 1
+
+    def _pace_starts(self, rate: float | None) -> None:
+        """Pace the starts of backlogged tenants at `rate` a second (None: no pace), in
+        a bucket of one guard interval's starts, so the pace is smooth."""
+        scheduler = self.scheduler
+        if rate is None:
+            scheduler.pace = None
+            return
+        burst = max(1, round(rate * self._guard_interval_s))
+        now = time.monotonic()
+        if scheduler.pace is None:
+            scheduler.pace = TokenBucket(rate, burst, now)
+        else:
+            scheduler.pace.reconfigure(rate, burst, now)
 
     async def _execute(self, entry: Entry) -> None:
         """One attempt: `running`, the flow, the outcome. A cancellation by shutdown or

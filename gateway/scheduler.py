@@ -148,7 +148,14 @@ class FairScheduler(Generic[T]):
         # jobs holds back backlogs, never a tenant's first job.
         self.max_slots = total_slots
         self.total_slots = total_slots
+        # Starts a second of jobs of tenants already running some (gateway.loadguard);
+        # None: not paced.
+        self.pace: TokenBucket | None = None
+        self._paced_due: float | None = None
         self.running = 0
+        self.started = 0
+        # When each tenant last started a job (monotonic; the guard prunes it).
+        self.last_start: dict[str, float] = {}
         self._tenants: dict[str, TenantQueue[T]] = {}
         self._vtime = 0.0
         self._seq = itertools.count(1)
@@ -256,13 +263,16 @@ class FairScheduler(Generic[T]):
     def pop(self, now: float) -> tuple[str, T] | None:
         """The next job to start, or None when no tenant is eligible or no slot is free.
 
-        Past `total_slots` (a cap below `max_slots`) only the tenant next in line may
-        start, and only when it has nothing running: a tenant that just got work joins
-        at the current virtual time, ahead of every backlog, so it still starts at once.
+        Past `total_slots` (a cap below `max_slots`), or without a token of `pace`,
+        only the tenant next in line may start, and only when it has nothing running: a
+        tenant that just got work joins at the current virtual time, ahead of every
+        backlog, so it still starts at once.
         """
+        self._paced_due = None
         if self.running >= self.max_slots:
             return None
         capped = self.running >= self.total_slots
+        pace = self.pace
         timed, ready = self._timed, self._ready
         while timed and timed[0][0] <= now:
             _, entry, tenant = heapq.heappop(timed)
@@ -280,13 +290,17 @@ class FairScheduler(Generic[T]):
                 heapq.heappop(ready)
                 queue.entry = 0
                 continue
-            if capped and queue.running > 0:
+            if queue.running > 0 and (capped or (pace is not None and not pace.ready(now))):
+                if not capped and pace is not None:
+                    self._paced_due = now + pace.wait_s(now)
                 return None  # it keeps its place in line
             heapq.heappop(ready)
             if not queue.bucket.try_take(now):
                 queue.rate_blocked = True
                 self._wait_for_token(tenant, queue, now + queue.bucket.wait_s(now))
                 continue
+            if pace is not None and queue.running > 0:
+                pace.try_take(now)
             queue.entry = 0
             item = queue.items.popleft()
             self._refill(queue)
@@ -296,6 +310,8 @@ class FairScheduler(Generic[T]):
                 queue.throttled += 1
                 queue.rate_blocked = False
             self.running += 1
+            self.started += 1
+            self.last_start[tenant] = now
             self._vtime = max(self._vtime, queue.passed)
             queue.passed += 1.0 / queue.limits.weight
             self._schedule(tenant, queue)
@@ -317,15 +333,18 @@ class FairScheduler(Generic[T]):
         self.running = max(0, self.running - 1)
 
     def next_wakeup_s(self, now: float) -> float | None:
-        """Seconds until a rate-limited tenant with work gets a token, if any is waiting."""
+        """Seconds until a rate-limited tenant with work gets a token, or the pace lets
+        the next start through, if any is waiting."""
         timed = self._timed
+        wait = None if self._paced_due is None else max(0.0, self._paced_due - now)
         while timed:
             due, entry, tenant = timed[0]
             queue = self._tenants.get(tenant)
             if queue is not None and queue.entry == entry:
-                return max(0.0, due - now)
+                token = max(0.0, due - now)
+                return token if wait is None else min(wait, token)
             heapq.heappop(timed)  # stale
-        return None
+        return wait
 
     def book_deferral(self, tenant: str, now: float) -> float:
         """Book one deferral of `tenant`'s overflow; the seconds until it is due.

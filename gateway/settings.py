@@ -204,8 +204,10 @@ class LoopGuardSettings(BaseModel):
     # Off by default: it trades peak throughput (13-17% of `echo` measured here) for
     # shorter waits of quiet tenants on a saturated process (see README).
     enabled: bool = False
-    # How late a timer may fire, smoothed, before a busy loop counts as saturated.
-    lag_target_s: float = Field(default=0.01, gt=0)
+    # How late a timer may fire, smoothed, before a busy loop counts as saturated. A job
+    # waits a turn of the loop at each of its dozen or so steps, so a few milliseconds of
+    # lag already cost a quiet tenant tens (measured: 10 ms let its p99 reach 190 ms).
+    lag_target_s: float = Field(default=0.002, gt=0)
     # The share of the time the loop's thread must be on a CPU for its lag to count
     # (below it the lag comes from outside the process, and fewer jobs would not help).
     busy_threshold: float = Field(default=0.8, gt=0, le=1)

@@ -161,3 +161,49 @@ async def test_a_loop_blocked_without_cpu_keeps_every_slot() -> None:
     finally:
         scheduler.running = 0
         await pools.stop(0)
+
+
+def saturate_at_min_slots(slots: SlotGuard, *, contended: bool, starts: int = 15) -> float:
+    """Drive `slots` down to its fewest slots on a saturated loop starting `starts` jobs
+    every 25 ms (600 a second); the time reached."""
+    now = 0.0
+    for _ in range(200):
+        running = min(slots.limit, 40)  # the cap is cut from what runs, to min_slots
+        slots.observe(SATURATED, running=running, now=now, started=starts, contended=contended)
+        now += 0.025
+    return now
+
+
+def test_short_jobs_at_the_fewest_slots_get_their_starts_paced_while_others_wait() -> None:
+    slots = guard(min_slots=4)
+    now = saturate_at_min_slots(slots, contended=True)
+    assert slots.limit == 4
+    assert slots.rate is not None
+    assert slots.rate < 600 * 0.8  # cut from what started
+    paced = slots.rate
+    # The loop recovers: the pace rises by 2% a sample, and goes once it stands at twice
+    # the starts it lets through; only then do the slots rise again.
+    for _ in range(500):
+        now += 0.025
+        slots.observe(IDLE, running=4, now=now, started=round(paced * 0.025))
+        if slots.rate is None:
+            break
+        assert slots.limit == 4
+    assert slots.rate is None
+    slots.observe(IDLE, running=4, now=now + 0.025)
+    assert slots.limit == 5
+
+
+def test_a_single_tenants_backlog_is_never_paced() -> None:
+    slots = guard(min_slots=4)
+    saturate_at_min_slots(slots, contended=False)
+    assert slots.limit == 4
+    assert slots.rate is None  # nobody to keep waiting: as fast as the core allows
+
+
+def test_the_pace_goes_when_the_other_tenants_do() -> None:
+    slots = guard(min_slots=4)
+    now = saturate_at_min_slots(slots, contended=True)
+    assert slots.rate is not None
+    slots.observe(SATURATED, running=4, now=now, started=10, contended=False)
+    assert slots.rate is None

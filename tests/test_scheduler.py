@@ -401,3 +401,27 @@ def test_the_hard_limit_holds_even_for_a_tenant_with_nothing_running() -> None:
     assert scheduler.pop(0.0) is not None
     scheduler.push("b", "b1")
     assert scheduler.pop(0.0) is None  # max_inflight is never exceeded
+
+
+def test_under_a_pace_backlogs_start_at_its_rate_and_a_new_tenant_at_once() -> None:
+    scheduler: FairScheduler[str] = FairScheduler(total_slots=100)
+    scheduler.configure("flood", limits(), 0.0)
+    scheduler.configure("quiet", limits(), 0.0)
+    for n in range(50):
+        scheduler.push("flood", f"f{n}")
+    assert scheduler.pop(0.0) is not None  # the flood's first job: nothing ran yet
+    scheduler.pace = TokenBucket(10.0, 1, 0.0)  # the loop guard's pace: 10 starts a second
+    assert scheduler.pop(0.0) is not None  # its one token
+    assert scheduler.pop(0.0) is None  # the backlog waits for the next token...
+    assert scheduler.next_wakeup_s(0.0) == pytest.approx(0.1)  # ...which it is woken for
+    scheduler.push("quiet", "q1")
+    assert scheduler.pop(0.0) == ("quiet", "q1")  # a tenant with nothing running: at once
+    starts = 0
+    for step in range(1, 106):  # 1.05 s in 10 ms steps
+        while scheduler.pop(step / 100) is not None:
+            starts += 1
+    # 10 a second; a bucket of one token, looked at every 10 ms, loses what it earns past
+    # the token while it waits for the next look
+    assert 9 <= starts <= 10
+    scheduler.pace = None
+    assert scheduler.pop(1.0) is not None
