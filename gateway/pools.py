@@ -382,6 +382,8 @@ class Pools:
         """Whether more than one tenant started a job in the last `_CONTENDED_S` (the
         ones that did not are forgotten)."""
         recent = self.scheduler.last_start
+        if recent is None:
+            recent = self.scheduler.last_start = {}
         for tenant in [t for t, at in recent.items() if now - at > _CONTENDED_S]:
             del recent[tenant]
         return len(recent) > 1

@@ -154,8 +154,9 @@ class FairScheduler(Generic[T]):
         self._paced_due: float | None = None
         self.running = 0
         self.started = 0
-        # When each tenant last started a job (monotonic; the guard prunes it).
-        self.last_start: dict[str, float] = {}
+        # When each tenant last started a job (monotonic), kept only for the loop guard
+        # (which prunes it): None, not kept.
+        self.last_start: dict[str, float] | None = None
         self._tenants: dict[str, TenantQueue[T]] = {}
         self._vtime = 0.0
         self._seq = itertools.count(1)
@@ -311,7 +312,8 @@ class FairScheduler(Generic[T]):
                 queue.rate_blocked = False
             self.running += 1
             self.started += 1
-            self.last_start[tenant] = now
+            if self.last_start is not None:
+                self.last_start[tenant] = now
             self._vtime = max(self._vtime, queue.passed)
             queue.passed += 1.0 / queue.limits.weight
             self._schedule(tenant, queue)
