@@ -367,12 +367,18 @@ def test_property_the_heap_picks_the_smallest_pass_among_eligible_tenants(
         assert scheduler.running == len(running)
 
 
-def test_under_a_cap_only_a_tenant_with_nothing_running_starts() -> None:
-    scheduler: FairScheduler[str] = FairScheduler(total_slots=10)
+def flood_and_quiet(total_slots: int) -> FairScheduler[str]:
+    """Tenant `flood` with 50 jobs buffered, and tenant `quiet` with none yet."""
+    scheduler: FairScheduler[str] = FairScheduler(total_slots=total_slots)
     scheduler.configure("flood", limits(), 0.0)
     scheduler.configure("quiet", limits(), 0.0)
     for n in range(50):
         scheduler.push("flood", f"f{n}")
+    return scheduler
+
+
+def test_under_a_cap_only_a_tenant_with_nothing_running_starts() -> None:
+    scheduler = flood_and_quiet(total_slots=10)
     started = [scheduler.pop(0.0) for _ in range(4)]
     assert all(s is not None and s[0] == "flood" for s in started)
     scheduler.total_slots = 3  # the loop guard's cap, below what runs
@@ -404,11 +410,7 @@ def test_the_hard_limit_holds_even_for_a_tenant_with_nothing_running() -> None:
 
 
 def test_under_a_pace_backlogs_start_at_its_rate_and_a_new_tenant_at_once() -> None:
-    scheduler: FairScheduler[str] = FairScheduler(total_slots=100)
-    scheduler.configure("flood", limits(), 0.0)
-    scheduler.configure("quiet", limits(), 0.0)
-    for n in range(50):
-        scheduler.push("flood", f"f{n}")
+    scheduler = flood_and_quiet(total_slots=100)
     assert scheduler.pop(0.0) is not None  # the flood's first job: nothing ran yet
     scheduler.pace = TokenBucket(10.0, 1, 0.0)  # the loop guard's pace: 10 starts a second
     assert scheduler.pop(0.0) is not None  # its one token
