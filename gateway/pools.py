@@ -25,7 +25,7 @@ from gateway.records import Status
 from gateway.runner import CANCELLED, Outcome, Runner
 from gateway.scheduler import FairScheduler, TenantLimits
 from gateway.settings import Settings
-from gateway.shares import Demand, Shares
+from gateway.shares import Demand, Shares, slots_of
 from gateway.tasks import Supervisor
 
 __all__ = ["PoolFigures", "Pools", "limits_for"]
@@ -65,11 +65,7 @@ def limits_for(tenant: Tenant, shares: Shares = _WHOLE) -> TenantLimits:
     start); the buffer bound is per replica (it bounds this replica's memory)."""
     quota = tenant.quota
     return TenantLimits(
-        max_concurrency=(
-            shares.slots
-            if shares.slots is not None
-            else max(1, round(quota.max_concurrency * shares.concurrency))
-        ),
+        max_concurrency=slots_of(shares, quota.max_concurrency),
         rate_per_s=max(1e-3, quota.rate_per_s * shares.rate),
         burst=max(1, round(quota.burst * shares.rate)),
         max_queued=max(1, quota.max_queued),
@@ -109,6 +105,7 @@ class Pools:
                 lag_target_s=guard.lag_target_s,
                 busy_threshold=guard.busy_threshold,
             )
+            self.scheduler.last_start = {}  # which tenants started lately (`_contended`)
         self._guard_interval_s = guard.interval_s
         self._guard_task: asyncio.Task[None] | None = None
         self._by_key: dict[tuple[str, str], Entry] = {}
@@ -352,7 +349,7 @@ class Pools:
             )
             started = scheduler.started
             scheduler.total_slots = limit
-            self._pace_starts(guard.rate)
+            self._pace_starts(guard.rate, now)
             cut = limit < before or (
                 guard.rate is not None and (paced_before is None or guard.rate < paced_before)
             )
@@ -382,13 +379,12 @@ class Pools:
         """Whether more than one tenant started a job in the last `_CONTENDED_S` (the
         ones that did not are forgotten)."""
         recent = self.scheduler.last_start
-        if recent is None:
-            recent = self.scheduler.last_start = {}
+        assert recent is not None  # kept from the guard's making on
         for tenant in [t for t, at in recent.items() if now - at > _CONTENDED_S]:
             del recent[tenant]
         return len(recent) > 1
 
-    def _pace_starts(self, rate: float | None) -> None:
+    def _pace_starts(self, rate: float | None, now: float) -> None:
         """Pace the starts of backlogged tenants at `rate` a second (None: no pace), in
         a bucket of one guard interval's starts, so the pace is smooth."""
         scheduler = self.scheduler
@@ -396,7 +392,6 @@ class Pools:
             scheduler.pace = None
             return
         burst = max(1, round(rate * self._guard_interval_s))
-        now = time.monotonic()
         if scheduler.pace is None:
             scheduler.pace = TokenBucket(rate, burst, now)
         else:

@@ -33,11 +33,6 @@ class TokenBucket:
         self._refill(now)
         return self._tokens
 
-    def ready(self, now: float) -> bool:
-        """Whether a token is available at `now`."""
-        self._refill(now)
-        return self._tokens >= 1.0
-
     def try_take(self, now: float) -> bool:
         """Take one token if there is one."""
         self._refill(now)

@@ -291,7 +291,7 @@ class FairScheduler(Generic[T]):
                 heapq.heappop(ready)
                 queue.entry = 0
                 continue
-            if queue.running > 0 and (capped or (pace is not None and not pace.ready(now))):
+            if queue.running > 0 and (capped or (pace is not None and pace.available(now) < 1)):
                 if not capped and pace is not None:
                     self._paced_due = now + pace.wait_s(now)
                 return None  # it keeps its place in line

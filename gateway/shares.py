@@ -35,7 +35,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-__all__ = ["Demand", "ShareBook", "Shares", "rise_hold_s"]
+__all__ = ["Demand", "ShareBook", "Shares", "rise_hold_s", "slots_of"]
 
 
 def rise_hold_s(demand_interval_s: float, fetch_max_wait_s: float) -> float:
@@ -68,12 +68,17 @@ _WHOLE = Shares(1.0, 1.0)
 _IDLE = Demand(0, 0)
 
 
+def slots_of(share: Shares, cap: int) -> int:
+    """This replica's whole number of slots of a concurrency quota of `cap`: the ones
+    apportioned, else its fraction of them, at least one (so work can start)."""
+    return share.slots if share.slots is not None else max(1, round(cap * share.concurrency))
+
+
 def _with_slots(share: Shares, cap: int | None) -> Shares:
-    """`share` with its whole number of slots of a quota of `cap` filled in (as the
-    pools derive them when none were apportioned: `gateway.pools.limits_for`)."""
+    """`share` with its whole number of slots of a quota of `cap` filled in."""
     if cap is None or share.slots is not None:
         return share
-    return Shares(share.rate, share.concurrency, max(1, round(cap * share.concurrency)))
+    return Shares(share.rate, share.concurrency, slots_of(share, cap))
 
 
 class ShareBook:
@@ -89,7 +94,7 @@ class ShareBook:
         # peer -> (reported at, {tenant: demand})
         self._peers: dict[str, tuple[float, Mapping[str, Demand]]] = {}
         # tenant -> the shares computed within the last `hold_s` (and the one in force
-        # when it began), oldest first; only tenants held above the even split
+        # when it began), oldest first; tenants with demand now or within `hold_s`
         self._recent: dict[str, deque[tuple[float, Shares]]] = {}
 
     def observe(self, replica: str, at: float, demand: Mapping[str, Demand]) -> None:
