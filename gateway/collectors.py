@@ -228,8 +228,8 @@ class LoopGuardCollector(Collector):
         yield slots
         pace = GaugeMetricFamily(
             "gateway_job_start_pace",
-            "Jobs this process may start a second while its loop stays saturated at its "
-            "fewest slots (0: not paced).",
+            "Jobs of backlogged tenants this process may start a second while its loop "
+            "stays saturated with too few jobs running to cut (0: not paced).",
         )
         pace.add_metric([], self._guard.rate or 0.0)
         yield pace

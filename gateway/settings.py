@@ -201,8 +201,9 @@ class LoopGuardSettings(BaseModel):
 
     model_config = _FROZEN
 
-    # Off by default: it trades peak throughput (13-17% of `echo` measured here) for
-    # shorter waits of quiet tenants on a saturated process (see README).
+    # Off by default: it trades throughput (a flood's halved beside a quiet tenant, and
+    # 0-18% of one tenant's `echo` measured here) for shorter waits of quiet tenants on
+    # a saturated process (see README).
     enabled: bool = False
     # How late a timer may fire, smoothed, before a busy loop counts as saturated. A job
     # waits a turn of the loop at each of its dozen or so steps, so a few milliseconds of
